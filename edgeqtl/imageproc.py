@@ -1,0 +1,71 @@
+"""Image preprocessing shared by training, export verification and the device agent.
+
+numpy + Pillow only (the device path never imports torch). The parameters travel in
+the bundle manifest as an `ImageSpec`, so the device resizes and normalises exactly as
+the model was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageSpec":
+        if d.get("resample", "bicubic") not in _RESAMPLING:
+            raise ValueError(f"unknown resampling {d.get('resample')!r}; expected one of {sorted(_RESAMPLING)}")
+        return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), d.get("resample", "bicubic"))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, with one clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"cannot read image {path}: {e}; use a PNG or JPEG file") from None
+
+
+def preprocess(images, spec: ImageSpec) -> np.ndarray:
+    """PIL images or (H, W, 3) uint8 arrays -> float32 pixel values (B, 3, S, S)."""
+    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+        images = [images]
+    out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    for i, im in enumerate(images):
+        if isinstance(im, np.ndarray):
+            if im.shape[:2] != (spec.size, spec.size):
+                im = Image.fromarray(im)
+        if isinstance(im, Image.Image):
+            im = np.asarray(im.convert("RGB").resize((spec.size, spec.size), _RESAMPLING[spec.resample]))
+        out[i] = (im.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
+    return out

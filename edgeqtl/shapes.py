@@ -1,0 +1,235 @@
+"""The `shapes` benchmark: coloured shapes on a 2x2 grid, single-word answers.
+
+Everything is generated from a seed with Pillow and numpy, so the benchmark needs
+no download and is identical on every machine. Five task families:
+
+    colour    what color is the {shape} ?                      -> red
+    shape     what shape is the {color} object ?               -> circle
+    count     how many objects are there ?                     -> three
+    position  where is the {color} {shape} ?                   -> northwest
+    relation  what color is the object {left of|...} the {shape} ?  -> blue
+
+Every object in an image has its own colour and its own shape, so each question
+names exactly one object. Images are IMAGE_SIZE x IMAGE_SIZE, one object per
+occupied cell, with jittered size and position and a little background noise.
+
+This module is torch-free: the device agent and the demo use it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+GRID = 2  # 2x2 cells
+CELL = IMAGE_SIZE // GRID
+
+COLORS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 220, 230),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COUNT_WORDS = ("one", "two", "three", "four")
+CORNERS = {(0, 0): "northwest", (0, 1): "northeast", (1, 0): "southwest", (1, 1): "southeast"}
+# relation word -> (row offset, col offset) from the named object to the asked one
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+FAMILIES = ("colour", "shape", "count", "position", "relation")
+
+# Chat template: `{image}` becomes IMAGE_TOKEN repeated image_token_count times.
+CHAT_TEMPLATE = "user : {image} {prompt} assistant :"
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN, UNK_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "</s>"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    color: str
+    shape: str
+    row: int
+    col: int
+
+
+@dataclasses.dataclass
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    question: str
+    answer: str
+    family: str
+    objects: tuple[Obj, ...]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    elif shape == "square":
+        s = r * 0.85
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=rgb)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=rgb)
+    elif shape == "cross":
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(shape)
+
+
+def render(objects: tuple[Obj, ...], rng: np.random.Generator) -> np.ndarray:
+    """Draw objects into an RGB uint8 array, one per grid cell, with jitter and noise."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        r = rng.uniform(0.30, 0.42) * CELL
+        slack = CELL / 2 - r - 1
+        cx = o.col * CELL + CELL / 2 + rng.uniform(-slack, slack)
+        cy = o.row * CELL + CELL / 2 + rng.uniform(-slack, slack)
+        rgb = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[o.color])
+        _draw_shape(draw, o.shape, cx, cy, r, rgb)
+    arr = np.asarray(img, dtype=np.int16)
+    arr = arr + rng.integers(0, 24, size=arr.shape, dtype=np.int16)  # background grain
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def _random_objects(rng: np.random.Generator, n: int) -> tuple[Obj, ...]:
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    picked = rng.choice(len(cells), size=n, replace=False)
+    colors = rng.choice(list(COLORS), size=n, replace=False)
+    shapes = rng.choice(SHAPES, size=n, replace=False)
+    return tuple(Obj(str(colors[i]), str(shapes[i]), *cells[picked[i]]) for i in range(n))
+
+
+def _question(rng: np.random.Generator, family: str, objects: tuple[Obj, ...]):
+    """Return (question, answer) or None when this layout cannot pose the family."""
+    o = objects[rng.integers(len(objects))]
+    if family == "colour":
+        return f"what color is the {o.shape} ?", o.color
+    if family == "shape":
+        return f"what shape is the {o.color} object ?", o.shape
+    if family == "count":
+        return "how many objects are there ?", COUNT_WORDS[len(objects) - 1]
+    if family == "position":
+        return f"where is the {o.color} {o.shape} ?", CORNERS[(o.row, o.col)]
+    if family == "relation":
+        by_cell = {(x.row, x.col): x for x in objects}
+        options = []
+        for a in objects:
+            for word, (dr, dc) in RELATIONS.items():
+                b = by_cell.get((a.row + dr, a.col + dc))
+                if b is not None:
+                    options.append((word, a, b))
+        if not options:
+            return None
+        word, a, b = options[rng.integers(len(options))]
+        return f"what color is the object {word} the {a.shape} ?", b.color
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def make_sample(rng: np.random.Generator, family: str) -> Sample:
+    while True:
+        lo = 2 if family == "relation" else 1
+        objects = _random_objects(rng, int(rng.integers(lo, GRID * GRID + 1)))
+        qa = _question(rng, family, objects)
+        if qa is not None:
+            return Sample(render(objects, rng), qa[0], qa[1], family, objects)
+
+
+def train_batch(seed: int, step: int, batch_size: int, families: tuple[str, ...] = FAMILIES,
+                stream: int = 1) -> list[Sample]:
+    """Training batch number `step` of stream `stream` for `seed`: deterministic, so a
+    resumed run sees exactly the batches it would have seen. Families are balanced per
+    batch. Streams 1 and up are for training; the held-out set uses stream 2 of its own seed."""
+    rng = np.random.default_rng([seed, stream, step])
+    return [make_sample(rng, families[(step * batch_size + i) % len(families)]) for i in range(batch_size)]
+
+
+def train_stream(seed: int, batch_size: int, start: int = 0, families: tuple[str, ...] = FAMILIES) -> Iterator[list[Sample]]:
+    """The endless training stream, batch by batch from step `start`."""
+    step = start
+    while True:
+        yield train_batch(seed, step, batch_size, families)
+        step += 1
+
+
+HELDOUT_SEED = 20261123  # its own stream: [HELDOUT_SEED, 2, k] never meets [seed, 1, step]
+
+
+def heldout(per_family: int = 500, families: tuple[str, ...] = FAMILIES) -> list[Sample]:
+    """The fixed held-out set: `per_family` questions per family, the same everywhere."""
+    out = []
+    for k, fam in enumerate(families):
+        rng = np.random.default_rng([HELDOUT_SEED, 2, k])
+        out.extend(make_sample(rng, fam) for _ in range(per_family))
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def vocabulary() -> list[str]:
+    words = set("user : assistant ? what color is the shape object how many objects are there where".split())
+    words |= set("of".split()) | {w for rel in RELATIONS for w in rel.split()}
+    words |= set(COLORS) | set(SHAPES) | set(COUNT_WORDS) | set(CORNERS.values())
+    return list(SPECIAL_TOKENS) + sorted(words)
+
+
+def build_tokenizer():
+    """A word-level `tokenizers.Tokenizer` for the tiny preset, built locally."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+CHAT_FILE = "edgeqtl_chat.json"  # not tokenizer_config.json: HF reads its chat_template as Jinja
+
+
+def save_tokenizer(directory: str | Path, image_token_count: int) -> None:
+    """Write tokenizer.json plus the chat settings beside it (edgeqtl_chat.json)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / CHAT_FILE).write_text(json.dumps(chat_config(image_token_count), indent=2))
+
+
+def chat_config(image_token_count: int) -> dict:
+    return {
+        "chat_template": CHAT_TEMPLATE,
+        "image_token": IMAGE_TOKEN,
+        "image_token_count": image_token_count,
+        "pad_token": PAD_TOKEN,
+        "eos_token": EOS_TOKEN,
+    }
+
+
+def format_prompt(prompt: str, image_token_count: int, template: str = CHAT_TEMPLATE, image_token: str = IMAGE_TOKEN) -> str:
+    """Apply the chat template, expanding the image placeholder to its token count."""
+    return template.format(image=image_token * image_token_count, prompt=prompt)
+
+
+def answer_word(text: str) -> str:
+    """The first word of a generated answer, lower-cased: what accuracy compares."""
+    parts = text.strip().lower().split()
+    return parts[0] if parts else ""
+

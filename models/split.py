@@ -1,0 +1,328 @@
+"""A Llava model split at decoder layer `cut` into a ClientHalf and a ServerHalf.
+
+    ClientHalf (device): vision tower -> projector -> spliced into token embeddings
+                         -> decoder layers [0, cut) -> quantizer encoder -> codes
+    ServerHalf (server): codes -> quantizer decoder -> decoder layers [cut, N)
+                         -> final norm -> lm_head -> logits
+
+Both halves drive Hugging Face decoder layers one by one with an explicit additive
+attention mask, position ids derived from the attention mask, and rotary embeddings
+computed by each half from the same config, so nothing but the wire tensor and the
+attention mask has to cross the cut. With the quantizer set to "identity", client
+then server reproduces the unsplit model's logits.
+
+Wire modes (`SplitConfig.quantizer`):
+    fsq       uint8 codes (B, T, code_dim) in [0, levels)   - what edgeqtl sends
+    fp16      float16 hidden states (B, T, hidden)          - the 16-bit baseline
+    identity  float32 hidden states (B, T, hidden)          - exactness tests only
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quantizer import QuantizerDecoder, QuantizerEncoder, dequantise
+
+WIRE_MODES = ("fsq", "fp16", "identity")
+SPLIT_CONFIG_FILE = "edgeqtl_split.json"
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint or config cannot be split; the message says what is missing."""
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    cut: int = 0
+    quantizer: str = "fsq"
+    levels: int = 4
+    code_dim: int | None = None  # None: the LLM's hidden size
+
+    def __post_init__(self):
+        if self.quantizer not in WIRE_MODES:
+            raise ValueError(f"quantizer must be one of {WIRE_MODES}, got {self.quantizer!r}")
+        if self.quantizer == "fsq" and not 2 <= self.levels <= 256:
+            raise ValueError(f"levels must be in [2, 256], got {self.levels}")
+
+    @property
+    def bits_per_symbol(self) -> float:
+        import math
+
+        return {"fsq": math.log2(self.levels), "fp16": 16.0, "identity": 32.0}[self.quantizer]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------- HF access
+
+
+@dataclasses.dataclass
+class LlavaParts:
+    """The pieces of a transformers Llava model that the split needs."""
+
+    vision_tower: nn.Module
+    projector: nn.Module
+    decoder: nn.Module  # the LLM's base model: .embed_tokens, .layers, .norm, .rotary_emb
+    lm_head: nn.Module
+    image_token_id: int
+    feature_layer: int | list[int]
+    feature_strategy: str
+
+
+def llava_parts(llava) -> LlavaParts:
+    """Find the parts across transformers versions (5.x nests them under `.model`)."""
+    cfg = llava.config
+    base = getattr(llava, "model", llava)
+    vision = getattr(base, "vision_tower", None)
+    projector = getattr(base, "multi_modal_projector", None)
+    decoder = getattr(base, "language_model", None)
+    if decoder is not None and hasattr(decoder, "model") and not hasattr(decoder, "layers"):
+        decoder = decoder.model  # transformers 4.x: language_model is the *ForCausalLM
+    lm_head = getattr(llava, "lm_head", None) or getattr(getattr(base, "language_model", None), "lm_head", None)
+    missing = [n for n, m in [("vision_tower", vision), ("multi_modal_projector", projector),
+                              ("language_model", decoder), ("lm_head", lm_head)] if m is None]
+    if missing:
+        raise UnsupportedModelError(f"the model has no {', '.join(missing)}; edgeqtl splits Llava-format models")
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, attr):
+            raise UnsupportedModelError(
+                f"the language model ({type(decoder).__name__}) has no .{attr}; edgeqtl needs a decoder-only "
+                "LLM exposing embed_tokens, layers, norm and rotary_emb (Qwen2, Llama, Phi3, Gemma, ...)")
+    layer_types = getattr(decoder.config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UnsupportedModelError("sliding-window attention layers are not supported across the cut yet")
+    return LlavaParts(vision, projector, decoder, lm_head, int(cfg.image_token_index),
+                      cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class KVCache:
+    """Minimal key/value cache with the one method HF attention calls (`update`).
+
+    Holds plain tensors per layer index, so it can be built from and flattened to
+    explicit graph inputs/outputs (the ONNX decode-step graph).
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.kv = dict(kv or {})
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            k0, v0 = self.kv[layer_idx]
+            key, value = torch.cat([k0, key], dim=-2), torch.cat([v0, value], dim=-2)
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return next(iter(self.kv.values()))[0].shape[-2] if self.kv else 0
+
+
+def attention_bias(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) 0/1 mask over past+current keys -> additive causal bias (B, 1, q_len, K)."""
+    k_len = attention_mask.shape[-1]
+    q_pos = torch.arange(q_len, device=attention_mask.device).unsqueeze(-1) + (k_len - q_len)
+    causal = torch.arange(k_len, device=attention_mask.device).unsqueeze(0) <= q_pos
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Positions count only attended tokens, so left padding does not shift them."""
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos[:, -q_len:]
+
+
+def run_layers(decoder, layers, h, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+    q_len = h.shape[1]
+    pos = position_ids_from_mask(attention_mask, q_len)
+    bias = attention_bias(attention_mask, q_len, h.dtype)
+    rope = decoder.rotary_emb(h, pos)
+    for layer in layers:
+        out = layer(h, attention_mask=bias, position_ids=pos, past_key_values=cache,
+                    use_cache=cache is not None, position_embeddings=rope)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+# --------------------------------------------------------------------------- the halves
+
+
+@dataclasses.dataclass
+class ClientOutput:
+    wire: torch.Tensor  # what is sent: uint8 codes, or fp16/fp32 hidden states
+    values: torch.Tensor  # the float tensor the wire rounds; gradients arrive here
+
+
+class ClientHalf(nn.Module):
+    def __init__(self, parts: LlavaParts, split: SplitConfig, encoder: QuantizerEncoder | None):
+        super().__init__()
+        self.split = split
+        self.vision_tower = parts.vision_tower
+        self.projector = parts.projector
+        self.embed_tokens = parts.decoder.embed_tokens
+        self.layers = nn.ModuleList(parts.decoder.layers[: split.cut])
+        self.encoder = encoder
+        # rotary_emb holds only buffers derived from config; both halves use it.
+        object.__setattr__(self, "_decoder", parts.decoder)
+        self.image_token_id = parts.image_token_id
+        self.feature_layer = parts.feature_layer
+        self.feature_strategy = parts.feature_strategy
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+        feats = [out.hidden_states[i] for i in layers]
+        if self.feature_strategy == "default":  # drop CLS, as transformers does
+            feats = [f[:, 1:] for f in feats]
+        return self.projector(torch.cat(feats, dim=-1))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        emb = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
+        if pixel_values is None:
+            return emb
+        feats = self.image_features(pixel_values).to(emb.dtype)
+        # Image features go, in order, to the image-token positions (as masked_scatter
+        # does), written as a gather so that it exports to ONNX with dynamic shapes.
+        idx = (is_image.long().cumsum(-1) - 1).clamp(min=0, max=feats.shape[1] - 1)
+        gathered = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return torch.where(is_image.unsqueeze(-1), gathered, emb)
+
+    def hidden(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
+        h = self.embed(input_ids, pixel_values)
+        return run_layers(self._decoder, self.layers, h, attention_mask, cache)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
+        h = self.hidden(input_ids, attention_mask, pixel_values, cache)
+        if self.split.quantizer == "fsq":
+            codes, values = self.encoder(h)
+            return ClientOutput(codes, values)
+        if self.split.quantizer == "fp16":
+            return ClientOutput(h.to(torch.float16), h)
+        return ClientOutput(h, h)
+
+    def check_inputs(self, input_ids: torch.Tensor, n_image_tokens: int) -> None:
+        counts = (input_ids == self.image_token_id).sum(-1)
+        if not bool((counts == n_image_tokens).all()):
+            raise ValueError(f"each prompt needs exactly {n_image_tokens} image tokens, got {counts.tolist()}")
+
+
+class ServerHalf(nn.Module):
+    def __init__(self, parts: LlavaParts, split: SplitConfig, decoder_q: QuantizerDecoder | None):
+        super().__init__()
+        self.split = split
+        self.decoder_q = decoder_q
+        self.layers = nn.ModuleList(parts.decoder.layers[split.cut:])
+        self.norm = parts.decoder.norm
+        self.lm_head = parts.lm_head
+        object.__setattr__(self, "_decoder", parts.decoder)
+
+    def receive(self, wire: torch.Tensor) -> torch.Tensor:
+        """Wire tensor -> float values (dequantised codes, or the hidden states)."""
+        if self.split.quantizer == "fsq":
+            return dequantise(wire, self.split.levels, self.lm_head.weight.dtype)
+        return wire.to(self.lm_head.weight.dtype)
+
+    def forward_values(self, values, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.decoder_q(values) if self.decoder_q is not None else values
+        h = run_layers(self._decoder, self.layers, h, attention_mask, cache)
+        return self.lm_head(self.norm(h))
+
+    def forward(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+        return self.forward_values(self.receive(wire), attention_mask, cache)
+
+
+class SplitModel:
+    """A Llava model plus its quantizer, viewed as two halves that partition its weights."""
+
+    def __init__(self, llava, split: SplitConfig):
+        self.llava = llava
+        self.parts = llava_parts(llava)
+        n_layers = len(self.parts.decoder.layers)
+        if not 0 <= split.cut < n_layers:
+            raise ValueError(f"cut must be in [0, {n_layers - 1}] for a model with {n_layers} decoder layers, got {split.cut}")
+        hidden = self.parts.decoder.config.hidden_size
+        if split.code_dim is None:
+            split = dataclasses.replace(split, code_dim=hidden)
+        self.split = split
+        self.hidden_size = hidden
+        self.num_layers = n_layers
+        enc = dec = None
+        if split.quantizer == "fsq":
+            enc = QuantizerEncoder(hidden, split.code_dim, split.levels)
+            dec = QuantizerDecoder(split.code_dim, hidden, split.levels)
+        self.client = ClientHalf(self.parts, split, enc)
+        self.server = ServerHalf(self.parts, split, dec)
+        if getattr(llava.config, "tie_word_embeddings", False) or \
+                self.parts.lm_head.weight is self.parts.decoder.embed_tokens.weight:
+            # A weight tied across the cut cannot stay tied once the halves train apart.
+            self.parts.lm_head.weight = nn.Parameter(self.parts.lm_head.weight.detach().clone())
+
+    @property
+    def num_image_tokens(self) -> int:
+        vc = self.llava.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + (1 if self.parts.feature_strategy != "default" and _has_cls(vc) else 0)
+
+    def parameters(self):
+        yield from self.client.parameters()
+        yield from self.server.parameters()
+
+    def train(self, mode: bool = True):
+        self.client.train(mode)
+        self.server.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.client.encoder is not None:
+            out.update({f"encoder.{k}": v for k, v in self.client.encoder.state_dict().items()})
+            out.update({f"decoder.{k}": v for k, v in self.server.decoder_q.state_dict().items()})
+        return out
+
+    def load_quantizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.client.encoder is None:
+            return
+        self.client.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+        self.server.decoder_q.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
+
+
+def _has_cls(vision_config) -> bool:
+    # CLIP prepends a class token; SigLIP does not.
+    return getattr(vision_config, "model_type", "") in ("clip_vision_model", "clip")
+
+
+# --------------------------------------------------------------------------- save / load
+
+QUANTIZER_FILE = "quantizer.safetensors"
+
+
+def save_split_model(model: SplitModel, directory: str | Path, extra: dict | None = None) -> Path:
+    """Directory = HF Llava checkpoint (config.json + safetensors) + quantizer + split config."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.llava.save_pretrained(directory, safe_serialization=True)
+    q = model.quantizer_state()
+    if q:
+        save_file({k: v.contiguous() for k, v in q.items()}, str(directory / QUANTIZER_FILE))
+    meta = {"split": model.split.to_dict(), **(extra or {})}
+    (directory / SPLIT_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory

@@ -1,0 +1,326 @@
+"""Training and evaluation of a split model on the shapes benchmark, in one process.
+
+Every step goes through exactly the path the wire uses: the client emits integer
+codes, the server dequantises them, computes the loss and the gradient with respect to
+the dequantised values, and that gradient is applied to the client's normalised values
+(straight-through estimator) together with the commitment loss.
+
+The recipe (see docs/TRAINING.md for why):
+  stage 1  vision alignment: vision tower + projector learn per-cell colour and shape
+           through a small probe on the projected image tokens (LLaVA's first stage
+           aligns a pretrained tower; the tiny preset's tower starts from scratch);
+  stage 2  everything end to end through the quantizer, with the probe loss kept on at
+           a lower weight, AdamW with warmup and cosine decay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeqtl import shapes
+from edgeqtl.codec import packed_nbytes
+from edgeqtl.imageproc import ImageSpec, preprocess
+
+from .quantizer import commitment_loss
+from .split import SplitModel, save_split_model
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    commitment: float = 0.1
+    vision_steps: int = 300
+    vision_lr: float = 3e-3
+    probe_weight: float = 0.3
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    eval_every: int = 0
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass
+class Batch:
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # -100 where no loss
+    samples: list
+
+
+class ShapesCollator:
+    """Samples -> left-padded tensors with the chat template applied."""
+
+    def __init__(self, tokenizer, n_image_tokens: int, image_spec: ImageSpec):
+        self.tok = tokenizer
+        self.n_img = n_image_tokens
+        self.spec = image_spec
+        self.pad_id = tokenizer.token_to_id(shapes.PAD_TOKEN)
+
+    def __call__(self, samples, with_answer: bool = True) -> Batch:
+        prompts = [shapes.format_prompt(s.question, self.n_img) for s in samples]
+        enc_p = self.tok.encode_batch(prompts)
+        seqs, labels = [], []
+        for s, e in zip(samples, enc_p):
+            ids = list(e.ids)
+            lab = [-100] * len(ids)
+            if with_answer:
+                ans = self.tok.encode(f"{s.answer} {shapes.EOS_TOKEN}", add_special_tokens=False).ids
+                ids += ans
+                lab += ans
+            seqs.append(ids)
+            labels.append(lab)
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+            lab[i, T - len(s):] = torch.tensor(l)
+        pix = torch.from_numpy(preprocess(np.stack([s.image for s in samples]), self.spec))
+        return Batch(pix, ids, mask, lab, samples)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+class CellProbe(nn.Module):
+    """Every image token predicts the colour (or none) and shape (or none) of the grid
+    cell it lies in. Per token, not pooled: then any one token of a cell carries the
+    whole object, and the language model can read it with a single attention hop."""
+
+    def __init__(self, hidden: int, n_image_tokens: int):
+        super().__init__()
+        self.side = int(math.isqrt(n_image_tokens))
+        if self.side ** 2 != n_image_tokens or self.side % shapes.GRID:
+            raise ValueError("the cell probe needs a square patch grid divisible by the shapes grid")
+        self.head = nn.Linear(hidden, 1 + len(shapes.COLORS) + 1 + len(shapes.SHAPES))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        B, N, H = feats.shape
+        return self.head(feats).reshape(B, self.side, self.side, -1)  # (B, row, col, classes)
+
+    def cell_of_token(self) -> torch.Tensor:
+        k = self.side // shapes.GRID
+        r = torch.arange(self.side) // k
+        return r[:, None] * shapes.GRID + r[None, :]  # (side, side) -> cell index
+
+    @staticmethod
+    def targets(samples) -> tuple[torch.Tensor, torch.Tensor]:
+        colors, shp = list(shapes.COLORS), list(shapes.SHAPES)
+        c = torch.zeros(len(samples), shapes.GRID, shapes.GRID, dtype=torch.long)
+        s = torch.zeros_like(c)
+        for i, smp in enumerate(samples):
+            for o in smp.objects:
+                c[i, o.row, o.col] = 1 + colors.index(o.color)
+                s[i, o.row, o.col] = 1 + shp.index(o.shape)
+        return c, s
+
+    def loss(self, feats, samples) -> torch.Tensor:
+        out = self(feats)
+        nc = 1 + len(shapes.COLORS)
+        cell = self.cell_of_token()
+        tc, ts = (t.reshape(len(samples), -1)[:, cell] for t in self.targets(samples))
+        return F.cross_entropy(out[..., :nc].reshape(-1, nc), tc.reshape(-1)) + \
+            F.cross_entropy(out[..., nc:].reshape(-1, out.shape[-1] - nc), ts.reshape(-1))
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def wire_step(model: SplitModel, batch: Batch, commitment: float, extra_client_loss=None) -> dict:
+    """One forward/backward through the wire path. Leaves gradients in both halves."""
+    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    # --- server: sees only the wire tensor and the attention mask
+    values = model.server.receive(out.wire).detach().requires_grad_(True)
+    logits = model.server.forward_values(values, batch.attention_mask)
+    loss = answer_loss(logits, batch.labels)
+    loss.backward()
+    grad = values.grad  # what the server sends back
+    # --- client: straight-through estimator, d(loss)/d(normalised values) := grad
+    client_obj = (out.values * grad.to(out.values.dtype)).sum()
+    commit = torch.zeros(())
+    if model.split.quantizer == "fsq" and commitment > 0:
+        commit = commitment_loss(out.values, model.split.levels)
+        client_obj = client_obj + commitment * commit
+        commit = commit.detach()
+    if extra_client_loss is not None:
+        client_obj = client_obj + extra_client_loss
+    client_obj.backward()
+    return {"loss": loss.item(), "commit": commit.item()}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class EvalReport:
+    accuracy: dict[str, float]
+    n: int
+    wire_bytes_per_sample: float
+    fp16_bytes_per_sample: float
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.mean(list(self.accuracy.values())))
+
+    def table(self, title: str = "") -> str:
+        lines = [title] if title else []
+        lines.append("family      accuracy")
+        for fam, acc in self.accuracy.items():
+            lines.append(f"{fam:<10}  {100 * acc:6.2f}%")
+        lines.append(f"{'mean':<10}  {100 * self.mean_accuracy:6.2f}%")
+        saved = 1 - self.wire_bytes_per_sample / self.fp16_bytes_per_sample
+        lines.append(f"uplink per sample: {self.wire_bytes_per_sample * 8:,.0f} bits "
+                     f"({self.wire_bytes_per_sample:,.0f} B) vs 16-bit {self.fp16_bytes_per_sample * 8:,.0f} bits "
+                     f"({self.fp16_bytes_per_sample:,.0f} B): {100 * saved:.1f}% saved (payload only)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mean_accuracy": self.mean_accuracy}
+
+
+def wire_nbytes(model: SplitModel, n_tokens: int) -> int:
+    """Bytes of payload the client sends for one sample of n_tokens tokens."""
+    s = model.split
+    if s.quantizer == "fsq":
+        return packed_nbytes(n_tokens * s.code_dim, s.levels)
+    return n_tokens * model.hidden_size * (2 if s.quantizer == "fp16" else 4)
+
+
+@torch.no_grad()
+def predict(model: SplitModel, batch: Batch) -> torch.Tensor:
+    """Greedy next token after each prompt (the first answer word)."""
+    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    logits = model.server(out.wire, batch.attention_mask)
+    return logits[:, -1].argmax(-1)
+
+
+@torch.no_grad()
+def evaluate(model: SplitModel, collate: ShapesCollator, samples, batch_size: int = 250) -> EvalReport:
+    was_training = model.client.training
+    model.eval()
+    correct: dict[str, list[bool]] = {f: [] for f in dict.fromkeys(s.family for s in samples)}
+    wire = fp16 = 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        b = collate(chunk, with_answer=False)
+        pred = predict(model, b)
+        for s, p, m in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist()):
+            correct[s.family].append(collate.tok.id_to_token(p) == s.answer)
+            wire += wire_nbytes(model, m)
+            fp16 += m * model.hidden_size * 2
+    model.train(was_training)
+    return EvalReport({f: float(np.mean(v)) for f, v in correct.items()}, len(samples),
+                      wire / len(samples), fp16 / len(samples))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _adamw(params, lr, wd):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | None = None,
+          progress: bool = True, log=print, heldout=None) -> list[dict]:
+    """Train both halves on the shapes stream. Returns the per-step log."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    n_img = model.num_image_tokens
+    spec = image_spec_of(model)
+    collate = ShapesCollator(tokenizer, n_img, spec)
+    probe = CellProbe(model.hidden_size, n_img)
+    history: list[dict] = []
+    model.train()
+
+    # ---- stage 1: vision alignment through the probe
+    if cfg.vision_steps > 0:
+        params = list(model.client.vision_tower.parameters()) + list(model.client.projector.parameters()) + \
+            list(probe.parameters())
+        opt = _adamw(params, cfg.vision_lr, cfg.weight_decay)
+        bar = tqdm(range(cfg.vision_steps), desc="stage 1 vision", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            samples = shapes.train_batch(cfg.seed, step, cfg.batch_size, stream=3)  # a stream of its own
+            pix = torch.from_numpy(preprocess(np.stack([s.image for s in samples]), spec))
+            loss = probe.loss(model.client.image_features(pix), samples)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = cfg.vision_lr * min(1.0, (step + 1) / 20)
+            opt.step()
+            bar.set_postfix(probe=f"{loss.item():.3f}")
+            history.append({"stage": 1, "step": step, "probe": loss.item()})
+
+    # ---- stage 2: end to end through the wire path
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = _adamw(params, cfg.lr, cfg.weight_decay)
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="stage 2 split", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        extra = None
+        if cfg.probe_weight > 0:
+            extra = cfg.probe_weight * probe.loss(model.client.image_features(batch.pixel_values), batch.samples)
+        rec = wire_step(model, batch, cfg.commitment, extra)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        rec.update(stage=2, step=step, lr=opt.param_groups[0]["lr"], t=time.time() - t0)
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            r = evaluate(model, collate, heldout)
+            log(f"step {step + 1}: held-out mean {100 * r.mean_accuracy:.1f}% " +
+                " ".join(f"{k}={100 * v:.0f}" for k, v in r.accuracy.items()))
+        if out_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(model, out_dir, cfg, step + 1)
+    model.eval()
+    if out_dir is not None:
+        save_checkpoint(model, out_dir, cfg, cfg.steps)
+        (Path(out_dir) / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
+    return history
+
+
+def image_spec_of(model: SplitModel) -> ImageSpec:
+    vc = model.llava.config.vision_config
+    return ImageSpec(size=vc.image_size)
+
+
+def save_checkpoint(model: SplitModel, out_dir, cfg: TrainConfig, step: int) -> Path:
+    out = save_split_model(model, out_dir, extra={"train": dataclasses.asdict(cfg), "step": step})
+    shapes.save_tokenizer(out, model.num_image_tokens)
+    return out

@@ -1,0 +1,48 @@
+"""Shared fixtures: small HF Llava checkpoints built from config and saved to disk."""
+from __future__ import annotations
+
+import pytest
+
+ARCHS = ("siglip-qwen2", "clip-llama")
+
+
+def llava_config(arch: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    if arch == "siglip-qwen2":
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=32, patch_size=8, vision_use_head=False)
+        text = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           tie_word_embeddings=False)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=95, vision_feature_layer=-1,
+                           vision_feature_select_strategy="full", image_seq_length=16)
+    if arch == "clip-llama":
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+        text = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                           tie_word_embeddings=False)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=95, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", image_seq_length=16)
+    raise ValueError(arch)
+
+
+def save_llava_checkpoint(directory, arch: str, seed: int = 0):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = llava_config(arch)
+    cfg._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def llava_checkpoint(request, tmp_path_factory):
+    """(arch, directory) of a small random Llava checkpoint saved with safetensors."""
+    d = tmp_path_factory.mktemp(request.param)
+    save_llava_checkpoint(d, request.param)
+    return request.param, d
