@@ -182,5 +182,43 @@ def evaluate_cmd(model_dir, per_family, threads, json_out):
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
 
 
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="A trained split model (from `edgeqtl train`) or a local HF Llava checkpoint.")
+@click.option("--cut", type=int, default=None, help="Only for a plain checkpoint; a trained model keeps its own.")
+@click.option("--bits", type=click.IntRange(1, 8), default=None, help="Levels = 2**bits (plain checkpoints).")
+@click.option("--levels", type=click.IntRange(2, 256), default=None, help="Any L >= 2 (plain checkpoints).")
+@click.option("--target", type=click.Choice(["cpu", "arm64", "jetson"]), default="cpu", show_default=True,
+              help="cpu/arm64: fp32 + int8 graphs; jetson: fp16 graph for the CUDA/TensorRT providers.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check ONNX Runtime against PyTorch on held-out questions; exit 1 if a threshold fails.")
+@click.option("--verify-per-family", type=int, default=100, show_default=True)
+@user_errors
+def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family):
+    """Compile the client half into an ONNX device bundle, plus the server half.
+
+    \b
+    Example:
+      edgeqtl export --model runs/tiny-2bit --target arm64 --out bundles/tiny-pi
+      edgeqtl export --model ./llava-ckpt --cut 4 --bits 2 --target jetson --out bundles/jetson
+    """
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+
+    if bits is not None and levels is not None and levels != 2 ** bits:
+        raise UserError(f"--bits {bits} means {2 ** bits} levels but --levels {levels} was given; pass one of them")
+    lv = levels or (2 ** bits if bits is not None else None)
+    res = export_bundle(ExportOptions(model_dir, out, cut, lv, target, verify, verify_per_family), progress=click.echo)
+    m = res.manifest
+    click.echo(f"bundle {out}: cut {m.cut}, {m.quantizer} {m.levels if m.quantizer == 'fsq' else ''} levels, "
+               f"target {m.target}, fingerprint {m.fingerprint[:16]}, {res.seconds:.1f} s")
+    for name, size in res.files.items():
+        click.echo(f"  {size / 1024:10.1f} KiB  {name}")
+    if res.verification is not None:
+        click.echo(res.verification.table())
+        if not res.verification.ok:
+            raise UserError("verification failed: the bundle does not reproduce the PyTorch client (table above)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

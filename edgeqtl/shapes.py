@@ -142,22 +142,24 @@ def _question(rng: np.random.Generator, family: str, objects: tuple[Obj, ...]):
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def make_sample(rng: np.random.Generator, family: str) -> Sample:
+def make_sample(rng: np.random.Generator, family: str, max_objects: int = GRID * GRID) -> Sample:
+    """One question of `family` about an image of 1..max_objects objects (2.. for relation)."""
     while True:
         lo = 2 if family == "relation" else 1
-        objects = _random_objects(rng, int(rng.integers(lo, GRID * GRID + 1)))
+        objects = _random_objects(rng, int(rng.integers(lo, max(lo, max_objects) + 1)))
         qa = _question(rng, family, objects)
         if qa is not None:
             return Sample(render(objects, rng), qa[0], qa[1], family, objects)
 
 
 def train_batch(seed: int, step: int, batch_size: int, families: tuple[str, ...] = FAMILIES,
-                stream: int = 1) -> list[Sample]:
+                stream: int = 1, max_objects: int = GRID * GRID) -> list[Sample]:
     """Training batch number `step` of stream `stream` for `seed`: deterministic, so a
     resumed run sees exactly the batches it would have seen. Families are balanced per
     batch. Streams 1 and up are for training; the held-out set uses stream 2 of its own seed."""
     rng = np.random.default_rng([seed, stream, step])
-    return [make_sample(rng, families[(step * batch_size + i) % len(families)]) for i in range(batch_size)]
+    return [make_sample(rng, families[(step * batch_size + i) % len(families)], max_objects)
+            for i in range(batch_size)]
 
 
 def train_stream(seed: int, batch_size: int, start: int = 0, families: tuple[str, ...] = FAMILIES) -> Iterator[list[Sample]]:

@@ -1,6 +1,6 @@
 """Built-in model presets, built from config (nothing is downloaded).
 
-`tiny`: SigLIP vision tower (2 layers, 64x64 images, 16x16 patches -> 16 image tokens),
+`tiny`: SigLIP vision tower (2 layers, 64x64 images, 32x32 patches -> 4 image tokens),
 a 2-layer MLP projector, and a Qwen2 decoder (6 layers, hidden 128) over the word-level
 vocabulary of the shapes benchmark. About 1.7M parameters: trains on 2 CPU cores.
 """
@@ -18,7 +18,7 @@ class TinyPreset:
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
-    patch_size: int = 16
+    patch_size: int = 32  # one image token per grid cell of the shapes benchmark
     text_hidden: int = 128
     text_layers: int = 6
     text_heads: int = 4
@@ -26,7 +26,8 @@ class TinyPreset:
     mlp_ratio: int = 3
     # HF's default init (std 0.02) leaves attention near uniform at hidden 128, and the
     # language model sits on a long plateau before it learns to look at the image.
-    init_std: float = 0.02
+    init_std: float = 0.06
+    pos_init_std: float | None = 1.0  # None: keep SigLIP's own init
 
 
 def tiny_llava_config(p: TinyPreset = TinyPreset()):
@@ -56,7 +57,15 @@ def build_tiny(seed: int = 0, preset: TinyPreset = TinyPreset()):
     torch.manual_seed(seed)
     cfg = tiny_llava_config(preset)
     cfg._attn_implementation = "eager"
-    return LlavaForConditionalGeneration(cfg).eval()
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # SigLIP initialises position embeddings ~12x weaker than patch embeddings; through a
+    # 2-bit quantizer that leaves no trace of where a patch was, and the language model
+    # cannot tell northwest from southeast. A from-scratch tower starts them at par.
+    for name, module in model.model.vision_tower.named_modules():
+        if preset.pos_init_std is not None and name.endswith("embeddings.position_embedding"):
+            with torch.no_grad():
+                module.weight.normal_(0.0, preset.pos_init_std)
+    return model
 
 
 PRESETS = {"tiny": build_tiny}

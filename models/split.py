@@ -326,3 +326,17 @@ def save_split_model(model: SplitModel, directory: str | Path, extra: dict | Non
     meta = {"split": model.split.to_dict(), **(extra or {})}
     (directory / SPLIT_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def fingerprint(model: SplitModel) -> str:
+    """SHA-256 over both halves' weights and the split config: device and server compare
+    it (first 16 bytes, in every frame) to detect halves from different exports."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(model.split.to_dict(), sort_keys=True).encode())
+    for side, module in (("client", model.client), ("server", model.server)):
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{side}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

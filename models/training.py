@@ -6,9 +6,10 @@ the dequantised values, and that gradient is applied to the client's normalised 
 (straight-through estimator) together with the commitment loss.
 
 The recipe (see docs/TRAINING.md for why):
-  stage 1  vision alignment: vision tower + projector learn per-cell colour and shape
-           through a small probe on the projected image tokens (LLaVA's first stage
-           aligns a pretrained tower; the tiny preset's tower starts from scratch);
+  stage 1  alignment: the client half (vision tower, projector, client layers, quantizer
+           encoder) learns, through a small probe on the dequantised codes at the image
+           tokens, to carry each grid cell's colour and shape across the cut (LLaVA's
+           first stage aligns a pretrained tower; the tiny preset's starts from scratch);
   stage 2  everything end to end through the quantizer, with the probe loss kept on at
            a lower weight, AdamW with warmup and cosine decay.
 """
@@ -29,15 +30,15 @@ from edgeqtl import shapes
 from edgeqtl.codec import packed_nbytes
 from edgeqtl.imageproc import ImageSpec, preprocess
 
-from .quantizer import commitment_loss
+from .quantizer import commitment_loss, dequantise
 from .split import SplitModel, save_split_model
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
@@ -46,6 +47,10 @@ class TrainConfig:
     vision_steps: int = 300
     vision_lr: float = 3e-3
     probe_weight: float = 0.3
+    # Objects per image ramp from 1 to 4 over these first steps: with one object the
+    # language model learns to read an object's attributes (one attention hop) before it
+    # has to select among several (two hops), which it otherwise takes long to find.
+    curriculum_steps: int = 600
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     eval_every: int = 0
@@ -102,15 +107,18 @@ class ShapesCollator:
 
 class CellProbe(nn.Module):
     """Every image token predicts the colour (or none) and shape (or none) of the grid
-    cell it lies in. Per token, not pooled: then any one token of a cell carries the
-    whole object, and the language model can read it with a single attention hop."""
+    cell it lies in, and which cell that is. Per token, not pooled: then any one token
+    of a cell carries the whole object and its place, and the language model can read
+    them with a single attention hop (rotary positions alone tell it only distances)."""
+
+    CLASSES = (1 + len(shapes.COLORS), 1 + len(shapes.SHAPES), shapes.GRID * shapes.GRID)
 
     def __init__(self, hidden: int, n_image_tokens: int):
         super().__init__()
         self.side = int(math.isqrt(n_image_tokens))
         if self.side ** 2 != n_image_tokens or self.side % shapes.GRID:
             raise ValueError("the cell probe needs a square patch grid divisible by the shapes grid")
-        self.head = nn.Linear(hidden, 1 + len(shapes.COLORS) + 1 + len(shapes.SHAPES))
+        self.head = nn.Linear(hidden, sum(self.CLASSES))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         B, N, H = feats.shape
@@ -133,22 +141,37 @@ class CellProbe(nn.Module):
         return c, s
 
     def loss(self, feats, samples) -> torch.Tensor:
-        out = self(feats)
-        nc = 1 + len(shapes.COLORS)
-        cell = self.cell_of_token()
+        out = self(feats).reshape(len(samples), self.side * self.side, -1)
+        cell = self.cell_of_token().reshape(-1)
         tc, ts = (t.reshape(len(samples), -1)[:, cell] for t in self.targets(samples))
-        return F.cross_entropy(out[..., :nc].reshape(-1, nc), tc.reshape(-1)) + \
-            F.cross_entropy(out[..., nc:].reshape(-1, out.shape[-1] - nc), ts.reshape(-1))
+        targets = (tc, ts, cell.expand(len(samples), -1))
+        logits = out.split(list(self.CLASSES), dim=-1)
+        return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1)) for lg, t in zip(logits, targets))
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def wire_values(model: SplitModel, out) -> torch.Tensor:
+    """What the server will see (dequantised codes), differentiable for the client
+    through the straight-through estimator. The probe reads these, so that object
+    identity has to survive the quantizer, not only the projector."""
+    if model.split.quantizer != "fsq":
+        return out.values
+    return out.values + (dequantise(out.wire, model.split.levels, out.values.dtype) - out.values).detach()
+
+
+def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, n_img: int) -> torch.Tensor:
+    """(B, T, D) -> (B, n_img, D): the wire values at the image tokens, in order."""
+    idx = (input_ids == image_token_id).long().argsort(dim=1, descending=True, stable=True)[:, :n_img]
+    return torch.gather(values, 1, idx.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def wire_step(model: SplitModel, batch: Batch, commitment: float, extra_client_loss=None) -> dict:
+def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
     """One forward/backward through the wire path. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
     # --- server: sees only the wire tensor and the attention mask
@@ -164,10 +187,17 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, extra_client_l
         commit = commitment_loss(out.values, model.split.levels)
         client_obj = client_obj + commitment * commit
         commit = commit.detach()
-    if extra_client_loss is not None:
-        client_obj = client_obj + extra_client_loss
+    if client_aux is not None:  # a loss the client computes on its own output (the probe)
+        client_obj = client_obj + client_aux(out)
     client_obj.backward()
     return {"loss": loss.item(), "commit": commit.item()}
+
+
+def max_objects_at(step: int, cfg: TrainConfig) -> int:
+    full = shapes.GRID * shapes.GRID
+    if step >= cfg.curriculum_steps:
+        return full
+    return 1 + (full * step) // cfg.curriculum_steps
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -261,20 +291,28 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
     n_img = model.num_image_tokens
     spec = image_spec_of(model)
     collate = ShapesCollator(tokenizer, n_img, spec)
-    probe = CellProbe(model.hidden_size, n_img)
+    wire_dim = model.split.code_dim if model.split.quantizer == "fsq" else model.hidden_size
+    probe = CellProbe(wire_dim, n_img)
+    image_id = model.client.image_token_id
+
+    def probe_loss(out, batch):
+        return probe.loss(image_positions(wire_values(model, out), batch.input_ids, image_id, n_img), batch.samples)
+
     history: list[dict] = []
     model.train()
 
-    # ---- stage 1: vision alignment through the probe
+    # ---- stage 1: alignment. Everything on the client learns, through the probe on the
+    # wire values, to put each object's colour and shape into its image tokens' codes.
     if cfg.vision_steps > 0:
-        params = list(model.client.vision_tower.parameters()) + list(model.client.projector.parameters()) + \
-            list(probe.parameters())
+        params = list(model.client.parameters()) + list(probe.parameters())
         opt = _adamw(params, cfg.vision_lr, cfg.weight_decay)
-        bar = tqdm(range(cfg.vision_steps), desc="stage 1 vision", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(cfg.vision_steps), desc="stage 1 align", disable=not progress, dynamic_ncols=True)
         for step in bar:
-            samples = shapes.train_batch(cfg.seed, step, cfg.batch_size, stream=3)  # a stream of its own
-            pix = torch.from_numpy(preprocess(np.stack([s.image for s in samples]), spec))
-            loss = probe.loss(model.client.image_features(pix), samples)
+            batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, stream=3))  # a stream of its own
+            out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+            loss = probe_loss(out, batch)
+            if model.split.quantizer == "fsq" and cfg.commitment > 0:
+                loss = loss + cfg.commitment * commitment_loss(out.values, model.split.levels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g in opt.param_groups:
@@ -289,14 +327,12 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="stage 2 split", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size))
+        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, max_objects=max_objects_at(step, cfg)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        extra = None
-        if cfg.probe_weight > 0:
-            extra = cfg.probe_weight * probe.loss(model.client.image_features(batch.pixel_values), batch.samples)
-        rec = wire_step(model, batch, cfg.commitment, extra)
+        aux = (lambda out: cfg.probe_weight * probe_loss(out, batch)) if cfg.probe_weight > 0 else None
+        rec = wire_step(model, batch, cfg.commitment, aux)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         rec.update(stage=2, step=step, lr=opt.param_groups[0]["lr"], t=time.time() - t0)

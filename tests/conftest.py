@@ -1,7 +1,12 @@
-"""Shared fixtures: small HF Llava checkpoints built from config and saved to disk."""
+"""Shared fixtures: small HF Llava checkpoints built from config and saved to disk,
+with the shapes benchmark's tokenizer beside them (so that they export and verify)."""
 from __future__ import annotations
 
 import pytest
+
+from edgeqtl import shapes
+
+IMAGE_TOKEN_ID = shapes.vocabulary().index(shapes.IMAGE_TOKEN)
 
 ARCHS = ("siglip-qwen2", "clip-llama")
 
@@ -15,7 +20,7 @@ def llava_config(arch: str):
         text = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                            tie_word_embeddings=False)
-        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=95, vision_feature_layer=-1,
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1,
                            vision_feature_select_strategy="full", image_seq_length=16)
     if arch == "clip-llama":
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -23,7 +28,7 @@ def llava_config(arch: str):
         text = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                            tie_word_embeddings=False)
-        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=95, vision_feature_layer=-2,
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2,
                            vision_feature_select_strategy="default", image_seq_length=16)
     raise ValueError(arch)
 
@@ -37,6 +42,7 @@ def save_llava_checkpoint(directory, arch: str, seed: int = 0):
     cfg._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(directory, safe_serialization=True)
+    shapes.save_tokenizer(directory, image_token_count=16)
     return model
 
 

@@ -1,0 +1,122 @@
+"""The device bundle's manifest (manifest.json): everything a device needs to run the
+client half with ONNX Runtime alone, and to prove to a server that both halves came
+from the same export. Torch-free: the device agent reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .imageproc import ImageSpec
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+TARGETS = ("cpu", "arm64", "jetson")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, or from an incompatible export."""
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: uint8, int64, float32, float16
+    shape: list  # ints, or names of dynamic dimensions
+
+
+@dataclasses.dataclass
+class GraphSpec:
+    role: str  # "prefill" (image + prompt -> codes [+ cache]) or "decode" (one token + cache)
+    variant: str  # "fp32", "int8" (dynamic MatMul quantization) or "fp16"
+    file: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    sha256: str = ""
+
+
+@dataclasses.dataclass
+class TextSpec:
+    tokenizer_file: str
+    chat_template: str  # Python format string with {image} and {prompt}
+    image_token: str
+    image_token_id: int
+    image_token_count: int
+    eos_token_id: int
+    pad_token_id: int
+
+
+@dataclasses.dataclass
+class BundleManifest:
+    fingerprint: str  # hex SHA-256 over both halves' weights and the split config
+    cut: int
+    quantizer: str  # "fsq" or "fp16"
+    levels: int
+    code_dim: int
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    image: ImageSpec
+    text: TextSpec
+    graphs: list[GraphSpec]
+    target: str
+    format_version: int = FORMAT_VERSION
+    server_dir: str = "server"
+
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        """The 16 bytes that travel in every frame header."""
+        return bytes.fromhex(self.fingerprint)[:16]
+
+    def graph(self, role: str, variant: str | None = None) -> GraphSpec:
+        options = [g for g in self.graphs if g.role == role and (variant is None or g.variant == variant)]
+        if not options:
+            have = ", ".join(f"{g.role}/{g.variant}" for g in self.graphs)
+            raise BundleError(f"bundle has no {role} graph{'' if variant is None else f' ({variant})'}; it has {have}")
+        return options[0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BundleManifest":
+        try:
+            version = d.get("format_version")
+            if version != FORMAT_VERSION:
+                raise BundleError(f"bundle format version {version}; this edgeqtl reads version {FORMAT_VERSION}. "
+                                  "Re-export it with this edgeqtl version")
+            d = dict(d)
+            d["image"] = ImageSpec.from_dict(d["image"])
+            d["text"] = TextSpec(**d["text"])
+            d["graphs"] = [GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
+                                        "outputs": [TensorSpec(**t) for t in g["outputs"]]}) for g in d["graphs"]]
+            m = cls(**d)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest is malformed ({type(e).__name__}: {e}); re-export the bundle") from None
+        if m.target not in TARGETS:
+            raise BundleError(f"unknown target {m.target!r}; expected one of {TARGETS}")
+        return m
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BundleManifest":
+        directory = Path(directory)
+        path = directory / MANIFEST_FILE
+        if not directory.is_dir():
+            raise BundleError(f"bundle directory not found: {directory}; create one with `edgeqtl export`")
+        if not path.is_file():
+            raise BundleError(f"{directory} has no {MANIFEST_FILE}: not an edgeqtl bundle (create one with `edgeqtl export`)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)

@@ -1,0 +1,90 @@
+"""The client half as exportable graphs with explicit tensor inputs and outputs.
+
+    prefill:  pixel_values, input_ids, attention_mask
+              -> codes [, present_key_i, present_value_i for each client layer]
+    decode:   input_ids (B, 1), attention_mask (B, P + 1), past_key_i, past_value_i ...
+              -> codes (B, 1, D), present_key_i, present_value_i ...   (cut > 0 only)
+
+The KV cache of the client's layers lives on the device and travels in and out of the
+decode graph as plain tensors (B, kv_heads, P, head_dim), so ONNX Runtime needs no
+cache object.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeqtl.models.split import ClientHalf, KVCache
+
+
+def cache_names(cut: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(cut) for kind in ("key", "value")]
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, client: ClientHalf):
+        super().__init__()
+        self.client = client
+        self.cut = len(client.layers)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        cache = KVCache() if self.cut else None
+        wire = self.client(input_ids, attention_mask, pixel_values, cache).wire
+        if not self.cut:
+            return wire
+        return (wire, *[t for i in range(self.cut) for t in cache.kv[i]])
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, client: ClientHalf):
+        super().__init__()
+        self.client = client
+        self.cut = len(client.layers)
+
+    def forward(self, input_ids, attention_mask, *past):
+        cache = KVCache({i: (past[2 * i], past[2 * i + 1]) for i in range(self.cut)})
+        wire = self.client(input_ids, attention_mask, None, cache).wire
+        return (wire, *[t for i in range(self.cut) for t in cache.kv[i]])
+
+
+def kv_shape(client: ClientHalf) -> tuple[int, int]:
+    """(kv heads, head dim) of the client's decoder layers."""
+    cfg = client._decoder.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return heads, head_dim
+
+
+def export_prefill(client: ClientHalf, path, example, opset: int = 18) -> tuple[list[str], list[str]]:
+    """example = (pixel_values, input_ids, attention_mask) with batch >= 2 and seq >= 2:
+    the dynamo exporter silently fixes a dimension whose example size is 1."""
+    graph = PrefillGraph(client).eval()
+    cut = graph.cut
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=8192)
+    inputs = ["pixel_values", "input_ids", "attention_mask"]
+    outputs = ["codes", *cache_names(cut, "present")]
+    torch.onnx.export(graph, example, str(path), dynamo=True, opset_version=opset, input_names=inputs,
+                      output_names=outputs, external_data=False, verbose=False,
+                      dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch, 1: seq},
+                                      "attention_mask": {0: batch, 1: seq}})
+    return inputs, outputs
+
+
+def export_decode(client: ClientHalf, path, batch_size: int = 2, past_len: int = 7, opset: int = 18):
+    graph = DecodeGraph(client).eval()
+    cut = graph.cut
+    heads, head_dim = kv_shape(client)
+    dtype = next(client.parameters()).dtype
+    ids = torch.full((batch_size, 1), 1, dtype=torch.long)
+    mask = torch.ones(batch_size, past_len + 1, dtype=torch.long)
+    past = [torch.zeros(batch_size, heads, past_len, head_dim, dtype=dtype) for _ in range(2 * cut)]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    past_dim = torch.export.Dim("past", min=1, max=8192)
+    inputs = ["input_ids", "attention_mask", *cache_names(cut, "past")]
+    outputs = ["codes", *cache_names(cut, "present")]
+    dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past_dim + 1},
+           "past": tuple({0: batch, 2: past_dim} for _ in range(2 * cut))}
+    torch.onnx.export(graph, (ids, mask, *past), str(path), dynamo=True, opset_version=opset, input_names=inputs,
+                      output_names=outputs, external_data=False, verbose=False, dynamic_shapes=dyn)
+    return inputs, outputs

@@ -1,0 +1,89 @@
+"""The server half as a directory the server agent loads on its own: quantizer decoder,
+decoder layers [cut, N), final norm, lm_head, tokenizer, and the bundle fingerprint. It
+does not carry the vision tower, the projector, the embeddings or the client's layers.
+
+    server/
+      config.json             the LLM's text config (HF format)
+      server_half.safetensors weights, named as in ServerHalf.state_dict()
+      edgeqtl_server.json     split config, fingerprint, chat settings
+      tokenizer.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .split import LlavaParts, ServerHalf, SplitConfig
+
+WEIGHTS = "server_half.safetensors"
+META = "edgeqtl_server.json"
+
+
+class ServerHalfError(ValueError):
+    """A server-half directory that is missing or incomplete."""
+
+
+@dataclasses.dataclass
+class ServerBundle:
+    server: ServerHalf
+    split: SplitConfig
+    fingerprint: str
+    meta: dict
+
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        return bytes.fromhex(self.fingerprint)[:16]
+
+
+def save_server_half(model, directory, fingerprint: str, tokenizer_file: Path | None, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.parts.decoder.config.save_pretrained(directory)
+    state = {k: v.detach().contiguous() for k, v in model.server.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    meta = {"split": model.split.to_dict(), "fingerprint": fingerprint, "hidden_size": model.hidden_size,
+            "num_layers": model.num_layers, **(extra or {})}
+    (directory / META).write_text(json.dumps(meta, indent=2))
+    if tokenizer_file is not None:
+        shutil.copy(tokenizer_file, directory / "tokenizer.json")
+    return directory
+
+
+def load_server_half(directory, dtype: torch.dtype = torch.float32) -> ServerBundle:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from .quantizer import QuantizerDecoder
+
+    directory = Path(directory)
+    for name in ("config.json", WEIGHTS, META):
+        if not (directory / name).is_file():
+            raise ServerHalfError(f"{directory} is not a server half (no {name}); pass the server/ directory "
+                                  "that `edgeqtl export` wrote")
+    meta = json.loads((directory / META).read_text())
+    split = SplitConfig.from_dict(meta["split"])
+    cfg = AutoConfig.from_pretrained(directory)
+    cfg._attn_implementation = "eager"
+    decoder = AutoModel.from_config(cfg, dtype=dtype)
+    # The client's layers and the embeddings stay on the device; drop them here.
+    for i in range(split.cut):
+        decoder.layers[i] = nn.Identity()
+    decoder.embed_tokens = None
+    lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+    parts = LlavaParts(None, None, decoder, lm_head, -1, -1, "full")
+    dec = QuantizerDecoder(split.code_dim, cfg.hidden_size, split.levels) if split.quantizer == "fsq" else None
+    server = ServerHalf(parts, split, dec).to(dtype)
+    state = load_file(str(directory / WEIGHTS))
+    missing, unexpected = server.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise ServerHalfError(f"server half weights do not match its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); re-export it")
+    return ServerBundle(server.eval(), split, meta["fingerprint"], meta)

@@ -1,0 +1,93 @@
+"""`edgeqtl export`: bundles for the tiny preset and two HF architectures, verified
+against PyTorch; the decode-step graph; the server half on its own; clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeqtl.bundle import BundleError, BundleManifest
+from edgeqtl.cli import main
+from edgeqtl.export.bundle import ExportOptions, export_bundle
+from edgeqtl.models.load import CheckpointError, load_split_model
+from edgeqtl.models.server_half import load_server_half
+from edgeqtl.models.split import SplitConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny preset split model saved as `edgeqtl train` saves it (cut 2, 2 bits)."""
+    from edgeqtl import shapes
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitModel
+    from edgeqtl.models.training import save_checkpoint, TrainConfig
+
+    d = tmp_path_factory.mktemp("tiny")
+    model = SplitModel(build_tiny(0), SplitConfig(cut=2, levels=4))
+    save_checkpoint(model, d, TrainConfig(), 0)
+    return d
+
+
+def _export(model_dir, out, **kw):
+    res = export_bundle(ExportOptions(model_dir, out, verify_per_family=60, **kw), progress=None)
+    assert res.verification is not None and res.verification.ok, res.verification.table()
+    return res
+
+
+@pytest.mark.parametrize("cut", [0, 2])
+def test_hf_architectures_export_and_verify(llava_checkpoint, cut, tmp_path):
+    arch, directory = llava_checkpoint
+    res = _export(directory, tmp_path / "b", cut=cut, levels=4)
+    m = BundleManifest.load(tmp_path / "b")
+    assert m.cut == cut and m.levels == 4 and m.fingerprint == res.manifest.fingerprint
+    roles = {(g.role, g.variant) for g in m.graphs}
+    assert ("prefill", "fp32") in roles and ("prefill", "int8") in roles
+    assert (("decode", "fp32") in roles) == (cut > 0)
+    if cut:
+        row = next(r for r in res.verification.rows if r.graph == "decode/fp32")
+        assert row.agreement >= 0.999  # token by token through the bundle's own KV cache
+
+
+def test_tiny_bundle_and_standalone_server_half(tiny_dir, tmp_path):
+    res = _export(tiny_dir, tmp_path / "b")
+    m = res.manifest
+    assert m.cut == 2 and m.text.image_token_count == 4
+    assert {g.file for g in m.graphs} >= {"client_prefill.onnx", "client_prefill.int8.onnx", "client_decode.onnx"}
+    server = load_server_half(tmp_path / "b" / m.server_dir)
+    assert server.fingerprint == m.fingerprint
+    model = load_split_model(tiny_dir)
+    assert not any("vision" in k or "embed" in k for k in server.server.state_dict())
+    codes = torch.randint(0, 4, (2, 9, m.code_dim), dtype=torch.uint8)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(server.server(codes, mask), model.server(codes, mask), atol=1e-5)
+
+
+def test_export_cli_prints_sizes_and_table(tiny_dir, tmp_path):
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_dir), "--out", str(tmp_path / "b"),
+                                  "--verify-per-family", "10"])
+    assert r.exit_code == 0, r.output
+    assert "client_prefill.int8.onnx" in r.output and "agreement" in r.output and "KiB" in r.output
+
+
+def test_trained_split_cannot_be_exported_at_another_cut(tiny_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="trained split at cut 2"):
+        export_bundle(ExportOptions(tiny_dir, tmp_path / "b", cut=1), progress=None)
+
+
+def test_manifest_errors_are_clear(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        BundleManifest.load(tmp_path / "none")
+    with pytest.raises(BundleError, match="not an edgeqtl bundle"):
+        BundleManifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(BundleError, match="version 99"):
+        BundleManifest.load(tmp_path)
+
+
+def test_export_help_has_example():
+    r = CliRunner().invoke(main, ["export", "--help"])
+    assert r.exit_code == 0 and "Example" in r.output and "--target" in r.output
