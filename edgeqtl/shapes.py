@@ -45,7 +45,7 @@ RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": 
 FAMILIES = ("colour", "shape", "count", "position", "relation")
 
 # Chat template: `{image}` becomes IMAGE_TOKEN repeated image_token_count times.
-CHAT_TEMPLATE = "user : {image} {prompt} assistant :"
+CHAT_TEMPLATE = "user : {prompt} {image} assistant :"
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN, UNK_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "</s>"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN, IMAGE_TOKEN)

@@ -135,7 +135,37 @@ def convert_fp16(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
+class _quiet:
+    """Silence the exporter's and quantizer's advisory chatter (torch.export deprecation
+    notices, onnxruntime's 'consider pre-processing' log line); errors still surface."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        self._levels = {n: logging.getLogger(n).level for n in ("", "torch.onnx", "torch.export")}
+        for n in self._levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for n, lv in self._levels.items():
+            logging.getLogger(n).setLevel(lv)
+        self._warn.__exit__(*exc)
+
+
 def export_bundle(opts: ExportOptions, progress=print) -> ExportResult:
+    with _quiet():
+        return _export_bundle(opts, progress)
+
+
+def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     from tokenizers import Tokenizer
 
     if opts.target not in TARGETS:

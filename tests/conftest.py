@@ -52,3 +52,14 @@ def llava_checkpoint(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     save_llava_checkpoint(d, request.param)
     return request.param, d
+
+
+@pytest.fixture
+def mosquitto():
+    """A mosquitto broker on a free loopback port, stopped after the test."""
+    from edgeqtl.broker import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+    with MosquittoBroker() as broker:
+        yield broker

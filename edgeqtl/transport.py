@@ -1,0 +1,386 @@
+"""MQTT transport for edgeqtl frames (paho-mqtt 2.x, CallbackAPIVersion.VERSION2).
+
+Topics (docs/PROTOCOL.md):
+    edgeqtl/v1/req/<device-id>     requests; every server agent reads them through the
+                                   shared subscription $share/<group>/edgeqtl/v1/req/+
+    edgeqtl/v1/reply/<device-id>   replies to one device
+
+Rules kept here, not left to paho:
+  - TCP_NODELAY on the socket (paho leaves Nagle on: ~44 ms per small round trip);
+  - a payload is checked against the broker's CONNACK MaximumPacketSize before it is
+    published (paho does not check, and an oversize QoS 1 publish is retried forever);
+  - nothing runs inside a paho callback but a queue put: a worker thread handles
+    messages, so a slow handler never stalls the network loop;
+  - MQTT 5 request/response (ResponseTopic + CorrelationData), with the reply address
+    also in the frame header so that MQTT 3.1.1 brokers work;
+  - QoS 1, and request ids that make a duplicate delivery harmless;
+  - reconnect with backoff (paho's loop, 1 s doubling to 30 s) and resubscription.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from typing import Callable
+
+from .wire import Frame, FrameKind, ProtocolError, decode_frame, encode_frame, json_frame
+
+log = logging.getLogger("edgeqtl.transport")
+
+TOPIC_ROOT = "edgeqtl/v1"
+DEFAULT_GROUP = "edgeqtl-servers"
+MQTT_MAX_PACKET = 268_435_455 + 5  # the protocol's own ceiling
+
+
+def request_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/req/{device_id}"
+
+
+def reply_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/reply/{device_id}"
+
+
+def shared_request_subscription(group: str = DEFAULT_GROUP) -> str:
+    return f"$share/{group}/{TOPIC_ROOT}/req/+"
+
+
+class TransportError(RuntimeError):
+    """A transport failure the user can act on; the message says what and how."""
+
+
+class BrokerUnavailable(TransportError):
+    pass
+
+
+class PayloadTooLarge(TransportError):
+    pass
+
+
+class RequestTimeout(TransportError):
+    pass
+
+
+@dataclasses.dataclass
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    protocol: int = 5  # 5 or 311
+    keepalive: int = 30
+    nodelay: bool = True  # only the benchmark turns it off, to show the difference
+
+    @classmethod
+    def from_url(cls, url: str, **overrides) -> "BrokerConfig":
+        """mqtt://[user:pass@]host[:port][?protocol=3.1.1]  or  mqtts://... (TLS, default port 8883)."""
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not u.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        tls = u.scheme in ("mqtts", "ssl")
+        q = urllib.parse.parse_qs(u.query)
+        proto = q.get("protocol", ["5"])[0]
+        if proto not in ("5", "3.1.1", "311"):
+            raise ValueError(f"protocol must be 5 or 3.1.1, got {proto!r}")
+        cfg = cls(host=u.hostname, port=u.port or (8883 if tls else 1883), tls=tls,
+                  username=urllib.parse.unquote(u.username) if u.username else None,
+                  password=urllib.parse.unquote(u.password) if u.password else None,
+                  protocol=5 if proto == "5" else 311)
+        return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def describe(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port} (MQTT {'5' if self.protocol == 5 else '3.1.1'})"
+
+
+@dataclasses.dataclass
+class Message:
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+class MqttEndpoint:
+    """One paho client with the rules above. `handler(Message)` runs on a worker thread."""
+
+    def __init__(self, cfg: BrokerConfig, client_id: str, handler: Callable[[Message], None] | None = None,
+                 subscriptions: list[str] | None = None, max_packet_fallback: int = MQTT_MAX_PACKET):
+        import paho.mqtt.client as mqtt
+
+        self.cfg = cfg
+        self.client_id = client_id
+        self.handler = handler
+        self.subscriptions = list(subscriptions or [])
+        self.max_packet_size = max_packet_fallback
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._connect_error: str | None = None
+        self._inbox: queue.Queue[Message | None] = queue.Queue()
+        proto = mqtt.MQTTv5 if cfg.protocol == 5 else mqtt.MQTTv311
+        self._mqtt = mqtt
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto,
+                                  **({} if cfg.protocol == 5 else {"clean_session": True}))
+        if cfg.username is not None:
+            self.client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            self.client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
+                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_socket_open = self._on_socket_open
+        self._worker = threading.Thread(target=self._work, name=f"edgeqtl-{client_id}", daemon=True)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 10.0) -> "MqttEndpoint":
+        self._worker.start()
+        try:
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        except (OSError, ValueError) as e:
+            raise BrokerUnavailable(f"cannot reach broker {self.cfg.describe()}: {e}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.stop()
+            why = self._connect_error or "no answer"
+            raise BrokerUnavailable(f"cannot reach broker {self.cfg.describe()} within {timeout:.0f} s ({why}); "
+                                    "is it running? (`edgeqtl broker` starts one)")
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+            self._inbox.put(None)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # ---------------------------------------------------------------- paho callbacks (never block)
+    def _on_socket_open(self, client, userdata, sock):
+        if self.cfg.nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # e.g. a unix socket
+                pass
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._connect_error = f"broker refused the connection: {reason_code}"
+            log.warning("%s: %s", self.client_id, self._connect_error)
+            return
+        limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        if limit:
+            self.max_packet_size = int(limit)
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        props = getattr(msg, "properties", None)
+        self._inbox.put(Message(msg.topic, bytes(msg.payload), getattr(props, "ResponseTopic", None),
+                                getattr(props, "CorrelationData", None)))
+
+    def _work(self):
+        while True:
+            m = self._inbox.get()
+            if m is None:
+                return
+            if self.handler is None:
+                continue
+            try:
+                self.handler(m)
+            except Exception:  # one bad message never stops the endpoint
+                log.exception("%s: handler failed on a message from %s", self.client_id, m.topic)
+
+    # ---------------------------------------------------------------- publishing
+    def packet_size(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> int:
+        """Upper bound of the PUBLISH packet's size on the wire."""
+        props = 0
+        if self.cfg.protocol == 5:
+            props += 3 + len(response_topic.encode()) if response_topic else 0
+            props += 3 + len(correlation) if correlation else 0
+            props += 4  # property length varint, at most
+        return 1 + 4 + 2 + len(topic.encode()) + 2 + props + len(payload)
+
+    def publish(self, topic: str, payload: bytes, response_topic: str | None = None,
+                correlation: bytes | None = None, qos: int = 1):
+        size = self.packet_size(topic, payload, response_topic, correlation)
+        if size > self.max_packet_size:
+            raise PayloadTooLarge(
+                f"message of {size} bytes exceeds the broker's maximum packet size of {self.max_packet_size} bytes "
+                f"(from its CONNACK); raise max_packet_size on the broker or send less (smaller image, fewer bits)")
+        properties = None
+        if self.cfg.protocol == 5 and (response_topic or correlation):
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation:
+                properties.CorrelationData = correlation
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
+        if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+            raise BrokerUnavailable(f"not connected to {self.cfg.describe()}; the message was not queued")
+        return info
+
+
+# --------------------------------------------------------------------------- request / response
+
+
+class RequestClient:
+    """Device side: send a request frame, wait for the reply with the same request id.
+    Retries reuse the request id, so the server answers a retry from its cache."""
+
+    def __init__(self, cfg: BrokerConfig, device_id: str):
+        self.device_id = device_id
+        self.reply_topic = reply_topic(device_id)
+        self._pending: dict[bytes, tuple[threading.Event, list]] = {}
+        self._lock = threading.Lock()
+        self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
+
+    def start(self, timeout: float = 10.0) -> "RequestClient":
+        self.endpoint.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.endpoint.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _on_reply(self, m: Message) -> None:
+        try:
+            f = decode_frame(m.payload)
+        except ProtocolError as e:
+            log.warning("dropped a corrupt reply on %s: %s", m.topic, e)
+            return
+        with self._lock:
+            slot = self._pending.get(f.request_id)
+        if slot is None:
+            return  # a late duplicate of a reply already taken
+        slot[1].append(f)
+        slot[0].set()
+
+    def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2) -> Frame:
+        frame = dataclasses.replace(frame, device_id=self.device_id, reply_topic=self.reply_topic)
+        data = encode_frame(frame)
+        event, box = threading.Event(), []
+        with self._lock:
+            self._pending[frame.request_id] = (event, box)
+        try:
+            for attempt in range(retries + 1):
+                if not self.endpoint.wait_connected(timeout):
+                    continue
+                self.endpoint.publish(request_topic(self.device_id), data, self.reply_topic, frame.request_id)
+                if event.wait(timeout):
+                    return box[0]
+                log.info("request %s: no reply in %.1f s (attempt %d)", frame.request_id.hex()[:8], timeout, attempt + 1)
+            raise RequestTimeout(f"no reply from any server in {retries + 1} tries of {timeout:.0f} s; "
+                                 "is a server agent running on this broker?")
+        finally:
+            with self._lock:
+                self._pending.pop(frame.request_id, None)
+
+
+class Responder:
+    """Server side: reads requests through the shared subscription and publishes what
+    `handle(frame) -> Frame` returns. A request id seen before is answered from a cache,
+    so a duplicate delivery or a device's retry is never computed twice."""
+
+    def __init__(self, cfg: BrokerConfig, handle: Callable[[Frame], Frame], group: str = DEFAULT_GROUP,
+                 client_id: str | None = None, cache_size: int = 1024):
+        self.handle = handle
+        self.cache: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
+        self.cache_size = cache_size
+        self.duplicates = 0
+        self.served = 0
+        self._lock = threading.Lock()
+        self.endpoint = MqttEndpoint(cfg, client_id or f"edgeqtl-srv-{time.time_ns() % 10 ** 9}", self._on_request,
+                                     [shared_request_subscription(group)])
+
+    def start(self, timeout: float = 10.0) -> "Responder":
+        self.endpoint.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        self.endpoint.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _reply_address(self, m: Message, frame: Frame | None) -> str:
+        if m.response_topic:  # MQTT 5
+            return m.response_topic
+        if frame is not None and frame.reply_topic:  # MQTT 3.1.1: from the frame header
+            return frame.reply_topic
+        return reply_topic(m.topic.rsplit("/", 1)[-1])  # last resort: the request topic's device id
+
+    def _on_request(self, m: Message) -> None:
+        try:
+            frame = decode_frame(m.payload)
+        except ProtocolError as e:
+            # The sender cannot be trusted to be anyone, but a corrupt frame still gets an answer.
+            rid = m.correlation if m.correlation and len(m.correlation) == 16 else bytes(16)
+            err = error_frame(rid, bytes(16), "bad_frame", str(e))
+            self.endpoint.publish(self._reply_address(m, None), encode_frame(err), correlation=m.correlation)
+            return
+        key = (frame.device_id, frame.request_id)
+        with self._lock:
+            cached = self.cache.get(key)
+        if cached is not None:
+            self.duplicates += 1
+            self.endpoint.publish(self._reply_address(m, frame), cached, correlation=m.correlation)
+            return
+        try:
+            reply = self.handle(frame)
+        except Exception as e:  # keep serving other devices
+            log.exception("handler failed for request %s", frame.request_id.hex()[:8])
+            reply = error_frame(frame.request_id, frame.fingerprint, "server_error", f"{type(e).__name__}: {e}")
+        data = encode_frame(reply)
+        with self._lock:
+            self.cache[key] = data
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+            self.served += 1
+        self.endpoint.publish(self._reply_address(m, frame), data, correlation=m.correlation)
+
+
+def error_frame(request_id: bytes, fingerprint: bytes, code: str, message: str) -> Frame:
+    return json_frame(FrameKind.ERROR, {"code": code, "message": message}, request_id=request_id,
+                      fingerprint=fingerprint)

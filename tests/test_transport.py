@@ -1,0 +1,136 @@
+"""MQTT transport over a real mosquitto on loopback (bounded loops, 127.0.0.1 only)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeqtl.broker import MosquittoBroker, free_port
+from edgeqtl.transport import (BrokerConfig, BrokerUnavailable, Message, MqttEndpoint, PayloadTooLarge,
+                               RequestClient, Responder, reply_topic, request_topic)
+from edgeqtl.wire import FrameKind, codes_frame, decode_frame, encode_frame, json_frame, new_request_id
+
+FP = bytes(16)
+
+
+def echo(frame):
+    """Answers with the sum of the codes: proves the payload arrived intact."""
+    return json_frame(FrameKind.ANSWER, {"sum": int(frame.array().sum()), "n": frame.array().size},
+                      request_id=frame.request_id, fingerprint=frame.fingerprint)
+
+
+def _request(levels=4, shape=(1, 6, 8), seed=0):
+    codes = np.random.default_rng(seed).integers(0, levels, size=shape).astype(np.uint8)
+    return codes, codes_frame(FrameKind.INFER_REQUEST, codes, levels, request_id=new_request_id(), fingerprint=FP)
+
+
+@pytest.mark.parametrize("protocol", [5, 311], ids=["mqtt5", "mqtt311"])
+def test_request_response_round_trip(mosquitto, protocol):
+    cfg = BrokerConfig(port=mosquitto.port, protocol=protocol)
+    with Responder(cfg, echo), RequestClient(cfg, "dev-a") as dev:
+        for seed in range(3):
+            codes, req = _request(seed=seed)
+            reply = dev.request(req, timeout=5)
+            assert reply.kind == FrameKind.ANSWER and reply.request_id == req.request_id
+            assert reply.json() == {"sum": int(codes.sum()), "n": codes.size}
+
+
+def test_shared_subscription_spreads_work_over_two_servers(mosquitto):
+    cfg = BrokerConfig(port=mosquitto.port)
+    a, b = Responder(cfg, echo, client_id="srv-a"), Responder(cfg, echo, client_id="srv-b")
+    with a, b, RequestClient(cfg, "dev-b") as dev:
+        for seed in range(24):
+            dev.request(_request(seed=seed)[1], timeout=5)
+    assert a.served + b.served == 24
+    assert a.served > 0 and b.served > 0, (a.served, b.served)
+
+
+def test_duplicate_request_is_answered_from_cache(mosquitto):
+    cfg = BrokerConfig(port=mosquitto.port)
+    calls = []
+    replies = []
+    got = threading.Event()
+
+    def handle(frame):
+        calls.append(frame.request_id)
+        return echo(frame)
+
+    def on_reply(m: Message):
+        replies.append(decode_frame(m.payload))
+        if len(replies) == 2:
+            got.set()
+
+    _, req = _request()
+    req.device_id, req.reply_topic = "dev-c", reply_topic("dev-c")
+    data = encode_frame(req)
+    with Responder(cfg, handle) as srv, MqttEndpoint(cfg, "raw-c", on_reply, [reply_topic("dev-c")]) as raw:
+        raw.publish(request_topic("dev-c"), data)
+        raw.publish(request_topic("dev-c"), data)  # as a QoS 1 redelivery or a retry would
+        assert got.wait(5)
+    assert len(calls) == 1 and srv.duplicates == 1
+    assert replies[0] == replies[1]
+
+
+def test_oversize_payload_is_refused_before_sending():
+    with MosquittoBroker(max_packet_size=4096) as broker:
+        cfg = BrokerConfig(port=broker.port)
+        with MqttEndpoint(cfg, "big") as ep:
+            assert ep.max_packet_size == 4096  # from the CONNACK
+            ep.publish("edgeqtl/v1/x", b"\0" * 2000)
+            with pytest.raises(PayloadTooLarge, match="maximum packet size of 4096"):
+                ep.publish("edgeqtl/v1/x", b"\0" * 8192)
+
+
+def test_corrupt_frame_gets_an_error_and_the_next_request_is_answered(mosquitto):
+    cfg = BrokerConfig(port=mosquitto.port)
+    errors = []
+    got = threading.Event()
+
+    def on_reply(m):
+        errors.append(decode_frame(m.payload))
+        got.set()
+
+    _, req = _request()
+    bad = bytearray(encode_frame(req))
+    bad[20] ^= 0xFF
+    with Responder(cfg, echo), MqttEndpoint(cfg, "raw-d", on_reply, [reply_topic("dev-d")]) as raw, \
+            RequestClient(cfg, "dev-e") as dev:
+        raw.publish(request_topic("dev-d"), bytes(bad))
+        assert got.wait(5)
+        assert errors[0].kind == FrameKind.ERROR and errors[0].json()["code"] == "bad_frame"
+        assert "CRC32" in errors[0].json()["message"]
+        codes, good = _request(seed=5)
+        assert dev.request(good, timeout=5).json()["sum"] == int(codes.sum())
+
+
+def test_dead_broker_is_a_clear_error():
+    cfg = BrokerConfig(port=free_port())
+    t0 = time.time()
+    with pytest.raises(BrokerUnavailable, match="cannot reach broker"):
+        MqttEndpoint(cfg, "nobody").start(timeout=1.5)
+    assert time.time() - t0 < 10
+
+
+def test_tcp_nodelay_is_set(mosquitto):
+    with MqttEndpoint(BrokerConfig(port=mosquitto.port), "nd") as ep:
+        assert ep.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_client_reconnects_after_broker_restart(mosquitto):
+    cfg = BrokerConfig(port=mosquitto.port)
+    with Responder(cfg, echo), RequestClient(cfg, "dev-f") as dev:
+        dev.request(_request()[1], timeout=5)
+        mosquitto.restart()
+        codes, req = _request(seed=9)
+        assert dev.request(req, timeout=5, retries=6).json()["sum"] == int(codes.sum())
+
+
+def test_broker_url_parsing():
+    c = BrokerConfig.from_url("mqtts://alice:s%40cret@broker.lan?protocol=3.1.1", ca_file="/etc/ca.pem")
+    assert (c.host, c.port, c.tls, c.username, c.password, c.protocol, c.ca_file) == \
+        ("broker.lan", 8883, True, "alice", "s@cret", 311, "/etc/ca.pem")
+    with pytest.raises(ValueError, match="mqtt://"):
+        BrokerConfig.from_url("http://x")
