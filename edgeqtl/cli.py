@@ -220,5 +220,39 @@ def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family)
             raise UserError("verification failed: the bundle does not reproduce the PyTorch client (table above)")
 
 
+@main.command()
+@click.option("--port", type=int, default=1883, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--max-packet-size", type=int, default=None, help="Advertised to MQTT 5 clients in CONNACK.")
+@user_errors
+def broker(port, host, max_packet_size):
+    """Run a local MQTT broker for demos and tests: mosquitto when installed (MQTT 5,
+    shared subscriptions), from a generated config with TCP_NODELAY on.
+
+    For production use your own mosquitto with TLS and ACLs (docs/PROTOCOL.md).
+
+    \b
+    Example:
+      edgeqtl broker --port 1883
+    """
+    import time
+
+    from edgeqtl.broker import BrokerStartError, MosquittoBroker
+
+    try:
+        b = MosquittoBroker(port=port, host=host, max_packet_size=max_packet_size).start()
+    except BrokerStartError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"mosquitto listening on {b.url} (Ctrl-C to stop)")
+    try:
+        while b.proc.poll() is None:
+            time.sleep(0.5)
+        raise UserError(f"mosquitto exited with code {b.proc.returncode}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -257,18 +257,12 @@ class MqttEndpoint:
 # --------------------------------------------------------------------------- request / response
 
 
-class RequestClient:
-    """Device side: send a request frame, wait for the reply with the same request id.
-    Retries reuse the request id, so the server answers a retry from its cache."""
+class _OwnsEndpoint:
+    """Start, stop and `with` for a class built around one MqttEndpoint."""
 
-    def __init__(self, cfg: BrokerConfig, device_id: str):
-        self.device_id = device_id
-        self.reply_topic = reply_topic(device_id)
-        self._pending: dict[bytes, tuple[threading.Event, list]] = {}
-        self._lock = threading.Lock()
-        self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
+    endpoint: MqttEndpoint
 
-    def start(self, timeout: float = 10.0) -> "RequestClient":
+    def start(self, timeout: float = 10.0):
         self.endpoint.start(timeout)
         return self
 
@@ -280,6 +274,18 @@ class RequestClient:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class RequestClient(_OwnsEndpoint):
+    """Device side: send a request frame, wait for the reply with the same request id.
+    Retries reuse the request id, so the server answers a retry from its cache."""
+
+    def __init__(self, cfg: BrokerConfig, device_id: str):
+        self.device_id = device_id
+        self.reply_topic = reply_topic(device_id)
+        self._pending: dict[bytes, tuple[threading.Event, list]] = {}
+        self._lock = threading.Lock()
+        self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
 
     def _on_reply(self, m: Message) -> None:
         try:
@@ -315,7 +321,7 @@ class RequestClient:
                 self._pending.pop(frame.request_id, None)
 
 
-class Responder:
+class Responder(_OwnsEndpoint):
     """Server side: reads requests through the shared subscription and publishes what
     `handle(frame) -> Frame` returns. A request id seen before is answered from a cache,
     so a duplicate delivery or a device's retry is never computed twice."""
@@ -330,19 +336,6 @@ class Responder:
         self._lock = threading.Lock()
         self.endpoint = MqttEndpoint(cfg, client_id or f"edgeqtl-srv-{time.time_ns() % 10 ** 9}", self._on_request,
                                      [shared_request_subscription(group)])
-
-    def start(self, timeout: float = 10.0) -> "Responder":
-        self.endpoint.start(timeout)
-        return self
-
-    def stop(self) -> None:
-        self.endpoint.stop()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def _reply_address(self, m: Message, frame: Frame | None) -> str:
         if m.response_topic:  # MQTT 5

@@ -27,7 +27,7 @@ class TinyPreset:
     # HF's default init (std 0.02) leaves attention near uniform at hidden 128, and the
     # language model sits on a long plateau before it learns to look at the image.
     init_std: float = 0.06
-    pos_init_std: float | None = 1.0  # None: keep SigLIP's own init
+    pos_init_std: float | None = None  # None: keep SigLIP's own init (docs/TRAINING.md, positions)
 
 
 def tiny_llava_config(p: TinyPreset = TinyPreset()):

@@ -51,6 +51,9 @@ class TrainConfig:
     # language model learns to read an object's attributes (one attention hop) before it
     # has to select among several (two hops), which it otherwise takes long to find.
     curriculum_steps: int = 600
+    # Sample families in proportion to their running training loss (floor 5% each), so
+    # that solved families (count, early on) stop taking a fifth of every batch.
+    adaptive_families: bool = True
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     eval_every: int = 0
@@ -177,7 +180,10 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     # --- server: sees only the wire tensor and the attention mask
     values = model.server.receive(out.wire).detach().requires_grad_(True)
     logits = model.server.forward_values(values, batch.attention_mask)
-    loss = answer_loss(logits, batch.labels)
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="none").view(logits.shape[0], -1)
+    n_targets = (batch.labels[:, 1:] != -100).sum()
+    loss = per_token.sum() / n_targets
     loss.backward()
     grad = values.grad  # what the server sends back
     # --- client: straight-through estimator, d(loss)/d(normalised values) := grad
@@ -190,7 +196,37 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     if client_aux is not None:  # a loss the client computes on its own output (the probe)
         client_obj = client_obj + client_aux(out)
     client_obj.backward()
-    return {"loss": loss.item(), "commit": commit.item()}
+    per_sample = (per_token.detach().sum(1) / (batch.labels[:, 1:] != -100).sum(1).clamp(min=1)).tolist()
+    return {"loss": loss.item(), "commit": commit.item(), "per_sample": per_sample}
+
+
+class FamilySampler:
+    """Family mix per batch, in proportion to each family's running loss."""
+
+    def __init__(self, families=shapes.FAMILIES, floor: float = 0.05, decay: float = 0.95):
+        self.families = tuple(families)
+        self.loss = {f: 1.0 for f in self.families}
+        self.floor, self.decay = floor, decay
+
+    def weights(self) -> np.ndarray:
+        w = np.array([self.loss[f] for f in self.families])
+        w = w / w.sum()
+        w = np.maximum(w, self.floor)
+        return w / w.sum()
+
+    def mix(self, batch_size: int) -> tuple[str, ...]:
+        """Deterministic: counts by largest remainder, in a fixed order."""
+        w = self.weights() * batch_size
+        counts = np.floor(w).astype(int)
+        for i in np.argsort(-(w - counts))[: batch_size - counts.sum()]:
+            counts[i] += 1
+        return tuple(f for f, c in zip(self.families, counts) for _ in range(c))
+
+    def update(self, samples, per_sample_loss) -> None:
+        for f in self.families:
+            vals = [l for s, l in zip(samples, per_sample_loss) if s.family == f]
+            if vals:
+                self.loss[f] = self.decay * self.loss[f] + (1 - self.decay) * float(np.mean(vals))
 
 
 def max_objects_at(step: int, cfg: TrainConfig) -> int:
@@ -325,14 +361,18 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
     params = list(model.parameters()) + list(probe.parameters())
     opt = _adamw(params, cfg.lr, cfg.weight_decay)
     t0 = time.time()
+    sampler = FamilySampler()
     bar = tqdm(range(cfg.steps), desc="stage 2 split", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, max_objects=max_objects_at(step, cfg)))
+        families = sampler.mix(cfg.batch_size) if cfg.adaptive_families else shapes.FAMILIES
+        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, families=families,
+                                           max_objects=max_objects_at(step, cfg)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         aux = (lambda out: cfg.probe_weight * probe_loss(out, batch)) if cfg.probe_weight > 0 else None
         rec = wire_step(model, batch, cfg.commitment, aux)
+        sampler.update(batch.samples, rec.pop("per_sample"))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         rec.update(stage=2, step=step, lr=opt.param_groups[0]["lr"], t=time.time() - t0)
