@@ -4,6 +4,7 @@ that package is installed. Used by `edgeqtl broker`, the demo and the test fixtu
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import shutil
 import socket
 import subprocess
@@ -31,9 +32,12 @@ def find_mosquitto() -> str | None:
 class MosquittoBroker:
     """mosquitto on 127.0.0.1 from a generated config; stop() ends it."""
 
+    shared_subscriptions = True
+    protocol = 5
     port: int = 0
     max_packet_size: int | None = None
-    extra_config: str = ""
+    extra_config: str = ""  # lines for the listener: certfile, password_file, ...
+    allow_anonymous: bool = True
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     workdir: Path | None = None
@@ -45,10 +49,13 @@ class MosquittoBroker:
         self.port = self.port or free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="edgeqtl-mosquitto-"))
         # set_tcp_nodelay: the broker forwards small messages at once too (else ~44 ms each)
-        conf = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false", "set_tcp_nodelay true",
+        conf = [f"listener {self.port} {self.host}", f"allow_anonymous {'true' if self.allow_anonymous else 'false'}", "persistence false", "set_tcp_nodelay true",
                 "log_dest stderr", "log_type error", "log_type warning"]
         if self.max_packet_size:
             conf.append(f"max_packet_size {self.max_packet_size}")
+        # Stay the current user: started as root, mosquitto would switch to the
+        # 'mosquitto' account, which cannot read our private temp files.
+        conf.append(f"user {getpass.getuser()}")
         conf.append(self.extra_config)
         (self.workdir / "mosquitto.conf").write_text("\n".join(conf) + "\n")
         self.log = open(self.workdir / "mosquitto.log", "wb")
@@ -95,3 +102,79 @@ class MosquittoBroker:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@dataclasses.dataclass
+class AmqttBroker:
+    """The embedded fallback: amqtt (pure Python, MQTT 3.1.1, no shared subscriptions)
+    in a thread with its own event loop. For demos where mosquitto is not installed."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    shared_subscriptions = False
+    protocol = 311
+
+    def start(self, timeout: float = 10.0) -> "AmqttBroker":
+        import asyncio
+        import threading
+
+        try:
+            import amqtt  # noqa: F401
+        except ImportError:
+            raise BrokerStartError("neither mosquitto nor amqtt is installed: apt-get install mosquitto, "
+                                   "or pip install 'edgeqtl[demo]'") from None
+        self.port = self.port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._stop_event = None
+        self._error: BaseException | None = None
+
+        async def serve():
+            import logging
+
+            from amqtt.broker import Broker
+
+            logging.getLogger("amqtt").setLevel(logging.WARNING)
+            self._stop_event = asyncio.Event()
+            broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}})
+            await broker.start()
+            await self._stop_event.wait()
+            await broker.shutdown()
+
+        def run():
+            try:
+                self._loop.run_until_complete(serve())
+            except BaseException as e:  # reported by start()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="edgeqtl-amqtt", daemon=True)
+        self._thread.start()
+        deadline = time.time() + timeout
+        while time.time() < deadline and self._error is None:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise BrokerStartError(f"amqtt did not listen on {self.host}:{self.port}: {self._error or 'timeout'}")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}?protocol=3.1.1"
+
+    def stop(self) -> None:
+        if self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        self._thread.join(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_broker(port: int = 0, host: str = "127.0.0.1", max_packet_size: int | None = None):
+    """mosquitto when installed, else the embedded amqtt broker."""
+    if find_mosquitto() is not None:
+        return MosquittoBroker(port=port, host=host, max_packet_size=max_packet_size).start()
+    return AmqttBroker(port=port, host=host).start()

@@ -227,7 +227,8 @@ def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family)
 @user_errors
 def broker(port, host, max_packet_size):
     """Run a local MQTT broker for demos and tests: mosquitto when installed (MQTT 5,
-    shared subscriptions), from a generated config with TCP_NODELAY on.
+    shared subscriptions), from a generated config with TCP_NODELAY on; otherwise the
+    embedded amqtt broker (MQTT 3.1.1, one server agent, `pip install edgeqtl[demo]`).
 
     For production use your own mosquitto with TLS and ACLs (docs/PROTOCOL.md).
 
@@ -237,15 +238,16 @@ def broker(port, host, max_packet_size):
     """
     import time
 
-    from edgeqtl.broker import BrokerStartError, MosquittoBroker
+    from edgeqtl.broker import BrokerStartError, MosquittoBroker, start_broker
 
     try:
-        b = MosquittoBroker(port=port, host=host, max_packet_size=max_packet_size).start()
+        b = start_broker(port=port, host=host, max_packet_size=max_packet_size)
     except BrokerStartError as e:
         raise UserError(str(e)) from None
-    click.echo(f"mosquitto listening on {b.url} (Ctrl-C to stop)")
+    name = "mosquitto" if isinstance(b, MosquittoBroker) else "embedded amqtt (MQTT 3.1.1, no shared subscriptions)"
+    click.echo(f"{name} listening on {b.url} (Ctrl-C to stop)")
     try:
-        while b.proc.poll() is None:
+        while getattr(b, "proc", None) is None or b.proc.poll() is None:
             time.sleep(0.5)
         raise UserError(f"mosquitto exited with code {b.proc.returncode}")
     except KeyboardInterrupt:

@@ -326,8 +326,10 @@ class Responder(_OwnsEndpoint):
     `handle(frame) -> Frame` returns. A request id seen before is answered from a cache,
     so a duplicate delivery or a device's retry is never computed twice."""
 
-    def __init__(self, cfg: BrokerConfig, handle: Callable[[Frame], Frame], group: str = DEFAULT_GROUP,
+    def __init__(self, cfg: BrokerConfig, handle: Callable[[Frame], Frame], group: str | None = DEFAULT_GROUP,
                  client_id: str | None = None, cache_size: int = 1024):
+        """group=None subscribes without a shared subscription (a broker without them,
+        such as the embedded amqtt, and then only one server agent)."""
         self.handle = handle
         self.cache: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
         self.cache_size = cache_size
@@ -335,7 +337,7 @@ class Responder(_OwnsEndpoint):
         self.served = 0
         self._lock = threading.Lock()
         self.endpoint = MqttEndpoint(cfg, client_id or f"edgeqtl-srv-{time.time_ns() % 10 ** 9}", self._on_request,
-                                     [shared_request_subscription(group)])
+                                     [shared_request_subscription(group) if group else f"{TOPIC_ROOT}/req/+"])
 
     def _reply_address(self, m: Message, frame: Frame | None) -> str:
         if m.response_topic:  # MQTT 5

@@ -134,3 +134,72 @@ def test_broker_url_parsing():
         ("broker.lan", 8883, True, "alice", "s@cret", 311, "/etc/ca.pem")
     with pytest.raises(ValueError, match="mqtt://"):
         BrokerConfig.from_url("http://x")
+
+
+def test_embedded_amqtt_broker_round_trip():
+    from edgeqtl.broker import AmqttBroker
+
+    with AmqttBroker() as broker:
+        cfg = BrokerConfig.from_url(broker.url)
+        assert cfg.protocol == 311
+        with Responder(cfg, echo, group=None), RequestClient(cfg, "dev-g") as dev:
+            codes, req = _request(seed=3)
+            assert dev.request(req, timeout=5).json()["sum"] == int(codes.sum())
+
+
+def _make_certs(directory):
+    """A throwaway CA and a server certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("edgeqtl test CA")).issuer_name(name("edgeqtl test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "server.crt").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                                                             serialization.NoEncryption()))
+    return directory / "ca.crt"
+
+
+def test_tls_and_password_round_trip(tmp_path):
+    import subprocess
+
+    ca = _make_certs(tmp_path)
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "pi-1", "s3cret"], check=True)
+    for p in tmp_path.iterdir():
+        p.chmod(0o644)  # mosquitto may drop privileges before reading them
+    conf = (f"certfile {tmp_path / 'server.crt'}\nkeyfile {tmp_path / 'server.key'}\ncafile {ca}\n"
+            f"password_file {tmp_path / 'passwd'}")
+    with MosquittoBroker(extra_config=conf, allow_anonymous=False) as broker:
+        url = f"mqtts://pi-1:s3cret@127.0.0.1:{broker.port}"
+        cfg = BrokerConfig.from_url(url, ca_file=str(ca))
+        with Responder(cfg, echo), RequestClient(cfg, "pi-1") as dev:
+            codes, req = _request(seed=4)
+            assert dev.request(req, timeout=5).json()["sum"] == int(codes.sum())
+        wrong = BrokerConfig.from_url(f"mqtts://pi-1:wrong@127.0.0.1:{broker.port}", ca_file=str(ca))
+        with pytest.raises(BrokerUnavailable, match="refused|cannot reach"):
+            MqttEndpoint(wrong, "intruder").start(timeout=3)
+        no_tls = BrokerConfig(port=broker.port, username="pi-1", password="s3cret")
+        with pytest.raises(BrokerUnavailable):
+            MqttEndpoint(no_tls, "plain").start(timeout=3)
