@@ -256,5 +256,118 @@ def broker(port, host, max_packet_size):
         b.stop()
 
 
+def _broker_options(fn):
+    fn = click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883", show_default=True,
+                      help="mqtt://[user:pass@]host[:port] or mqtts://...; add ?protocol=3.1.1 for old brokers.")(fn)
+    fn = click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="CA certificate for mqtts://.")(fn)
+    fn = click.option("--cert-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="Client certificate (mutual TLS).")(fn)
+    fn = click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="Client certificate's key.")(fn)
+    return fn
+
+
+def _broker_config(broker_url, ca_file, cert_file, key_file):
+    from edgeqtl.transport import BrokerConfig
+
+    return BrokerConfig.from_url(broker_url, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
+def _transport_errors(fn):
+    """Transport failures (dead broker, timeouts, refusals) as one line too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from edgeqtl.transport import TransportError
+
+        try:
+            return fn(*args, **kwargs)
+        except TransportError as e:  # ServerError (an ERROR frame) is one too
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+@main.command()
+@click.option("--server-half", type=click.Path(path_type=Path), required=True,
+              help="The server/ directory of an exported bundle.")
+@_broker_options
+@click.option("--group", default="edgeqtl-servers", show_default=True,
+              help="Shared-subscription group: agents in one group split the requests.")
+@click.option("--no-shared", is_flag=True, help="Plain subscription, for brokers without $share (amqtt).")
+@click.option("--device", "torch_device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=None)
+@user_errors
+@_transport_errors
+def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shared, torch_device, max_new_tokens,
+           threads):
+    """Run a server agent: answers devices' requests with the server half.
+
+    \b
+    Example:
+      edgeqtl server --server-half bundles/pi/server --broker mqtt://broker.lan:1883
+    """
+    import time
+
+    import torch
+
+    from edgeqtl.server_agent.agent import ServerAgent, describe, load_engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = load_engine(server_half, max_new_tokens=max_new_tokens, device=torch_device)
+    cfg = _broker_config(broker_url, ca_file, cert_file, key_file)
+    agent = ServerAgent(engine, cfg, group=None if no_shared else group).start()
+    click.echo(f"server agent on {cfg.describe()}: {describe(engine)} (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.stop()
+
+
+@main.group()
+def device():
+    """The device agent (no torch): ask questions with a bundle over MQTT."""
+
+
+@device.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An exported bundle directory.")
+@_broker_options
+@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--prompt", required=True, help="The question about the image.")
+@click.option("--device-id", default=None, help="This device's id (default: host name).")
+@click.option("--variant", type=click.Choice(["fp32", "int8", "fp16"]), default=None,
+              help="Which client graph (default: the bundle's first).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
+@user_errors
+@_transport_errors
+def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_id, variant, timeout):
+    """Ask one question about one image; prints the answer, latency and bytes sent.
+
+    \b
+    Example:
+      edgeqtl device ask --bundle bundles/pi --broker mqtt://broker.lan \\
+          --image photo.png --prompt "what color is the circle ?"
+    """
+    import socket as _socket
+
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.transport import RequestClient
+
+    client = DeviceClient(bundle, variant)
+    dev_id = device_id or _socket.gethostname().split(".")[0]
+    with RequestClient(_broker_config(broker_url, ca_file, cert_file, key_file), dev_id) as transport:
+        a = client.ask(transport, image, prompt, timeout=timeout)
+    click.echo(a.text)
+    click.echo(f"latency {1e3 * a.latency_s:.1f} ms, {a.round_trips} round trip(s), sent {a.bytes_up} B "
+               f"(16-bit hidden states: {a.bytes_up_fp16} B, {100 * (1 - a.bytes_up / a.bytes_up_fp16):.1f}% saved)",
+               err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

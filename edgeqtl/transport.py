@@ -277,13 +277,14 @@ class _OwnsEndpoint:
 
 
 class RequestClient(_OwnsEndpoint):
-    """Device side: send a request frame, wait for the reply with the same request id.
-    Retries reuse the request id, so the server answers a retry from its cache."""
+    """Device side: send a request frame, wait for the reply with the same request id
+    and step. Retries reuse both, so the server answers a retry from its cache."""
 
     def __init__(self, cfg: BrokerConfig, device_id: str):
         self.device_id = device_id
         self.reply_topic = reply_topic(device_id)
-        self._pending: dict[bytes, tuple[threading.Event, list]] = {}
+        # keyed by (request id, step): the decode steps of one generation share an id
+        self._pending: dict[tuple[bytes, int], tuple[threading.Event, list]] = {}
         self._lock = threading.Lock()
         self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
 
@@ -294,7 +295,7 @@ class RequestClient(_OwnsEndpoint):
             log.warning("dropped a corrupt reply on %s: %s", m.topic, e)
             return
         with self._lock:
-            slot = self._pending.get(f.request_id)
+            slot = self._pending.get((f.request_id, f.step))
         if slot is None:
             return  # a late duplicate of a reply already taken
         slot[1].append(f)
@@ -304,8 +305,9 @@ class RequestClient(_OwnsEndpoint):
         frame = dataclasses.replace(frame, device_id=self.device_id, reply_topic=self.reply_topic)
         data = encode_frame(frame)
         event, box = threading.Event(), []
+        key = (frame.request_id, frame.step)
         with self._lock:
-            self._pending[frame.request_id] = (event, box)
+            self._pending[key] = (event, box)
         try:
             for attempt in range(retries + 1):
                 if not self.endpoint.wait_connected(timeout):
@@ -318,20 +320,21 @@ class RequestClient(_OwnsEndpoint):
                                  "is a server agent running on this broker?")
         finally:
             with self._lock:
-                self._pending.pop(frame.request_id, None)
+                self._pending.pop(key, None)
 
 
 class Responder(_OwnsEndpoint):
     """Server side: reads requests through the shared subscription and publishes what
     `handle(frame) -> Frame` returns. A request id seen before is answered from a cache,
-    so a duplicate delivery or a device's retry is never computed twice."""
+    so a duplicate delivery or a device's retry is never computed twice. The cache key is
+    (device id, request id, kind, step): the decode steps of one generation share an id."""
 
     def __init__(self, cfg: BrokerConfig, handle: Callable[[Frame], Frame], group: str | None = DEFAULT_GROUP,
                  client_id: str | None = None, cache_size: int = 1024):
         """group=None subscribes without a shared subscription (a broker without them,
         such as the embedded amqtt, and then only one server agent)."""
         self.handle = handle
-        self.cache: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
+        self.cache: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self.cache_size = cache_size
         self.duplicates = 0
         self.served = 0
@@ -355,7 +358,7 @@ class Responder(_OwnsEndpoint):
             err = error_frame(rid, bytes(16), "bad_frame", str(e))
             self.endpoint.publish(self._reply_address(m, None), encode_frame(err), correlation=m.correlation)
             return
-        key = (frame.device_id, frame.request_id)
+        key = (frame.device_id, frame.request_id, frame.kind, frame.step)  # decode steps share a request id
         with self._lock:
             cached = self.cache.get(key)
         if cached is not None:

@@ -4,7 +4,9 @@ does not carry the vision tower, the projector, the embeddings or the client's l
 
     server/
       config.json             the LLM's text config (HF format)
-      server_half.safetensors weights, named as in ServerHalf.state_dict()
+      server_half.safetensors weights, named as in ServerHalf.state_dict(); at cut 0 also
+                              token_encoder.* (embedding table + quantizer encoder) so that
+                              the server encodes the tokens it generates itself
       edgeqtl_server.json     split config, fingerprint, chat settings
       tokenizer.json
 """
@@ -28,12 +30,27 @@ class ServerHalfError(ValueError):
     """A server-half directory that is missing or incomplete."""
 
 
+class TokenEncoder(nn.Module):
+    """What the client half does to a text token at cut 0 (embed, then quantize), so
+    that the server can feed back the tokens it generates without a round trip."""
+
+    def __init__(self, embed: nn.Embedding, encoder: nn.Module | None):
+        super().__init__()
+        self.embed = embed
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.encoder(h)[0] if self.encoder is not None else h.to(torch.float16)
+
+
 @dataclasses.dataclass
 class ServerBundle:
     server: ServerHalf
     split: SplitConfig
     fingerprint: str
     meta: dict
+    token_encoder: TokenEncoder | None = None
 
     @property
     def fingerprint_bytes(self) -> bytes:
@@ -47,6 +64,9 @@ def save_server_half(model, directory, fingerprint: str, tokenizer_file: Path | 
     directory.mkdir(parents=True, exist_ok=True)
     model.parts.decoder.config.save_pretrained(directory)
     state = {k: v.detach().contiguous() for k, v in model.server.state_dict().items()}
+    if model.split.cut == 0:
+        enc = TokenEncoder(model.client.embed_tokens, model.client.encoder)
+        state.update({f"token_encoder.{k}": v.detach().contiguous() for k, v in enc.state_dict().items()})
     save_file(state, str(directory / WEIGHTS))
     meta = {"split": model.split.to_dict(), "fingerprint": fingerprint, "hidden_size": model.hidden_size,
             "num_layers": model.num_layers, **(extra or {})}
@@ -81,9 +101,18 @@ def load_server_half(directory, dtype: torch.dtype = torch.float32) -> ServerBun
     dec = QuantizerDecoder(split.code_dim, cfg.hidden_size, split.levels) if split.quantizer == "fsq" else None
     server = ServerHalf(parts, split, dec).to(dtype)
     state = load_file(str(directory / WEIGHTS))
+    token_encoder = None
+    if split.cut == 0:
+        from .quantizer import QuantizerEncoder
+
+        enc = QuantizerEncoder(cfg.hidden_size, split.code_dim, split.levels) if split.quantizer == "fsq" else None
+        token_encoder = TokenEncoder(nn.Embedding(cfg.vocab_size, cfg.hidden_size), enc).to(dtype)
+        te = {k[len("token_encoder."):]: state.pop(k) for k in list(state) if k.startswith("token_encoder.")}
+        token_encoder.load_state_dict(te)
     missing, unexpected = server.load_state_dict(state, strict=False)
     missing = [k for k in missing if "rotary" not in k]
     if missing or unexpected:
         raise ServerHalfError(f"server half weights do not match its config (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); re-export it")
-    return ServerBundle(server.eval(), split, meta["fingerprint"], meta)
+    return ServerBundle(server.eval(), split, meta["fingerprint"], meta,
+                        token_encoder.eval() if token_encoder is not None else None)

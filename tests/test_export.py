@@ -51,6 +51,17 @@ def test_hf_architectures_export_and_verify(llava_checkpoint, cut, tmp_path):
         assert row.agreement >= 0.999  # token by token through the bundle's own KV cache
 
 
+def test_tiny_at_cut_0_exports_and_verifies(tmp_path):
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitModel
+    from edgeqtl.models.training import TrainConfig, save_checkpoint
+
+    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=3)), tmp_path / "m", TrainConfig(), 0)
+    res = _export(tmp_path / "m", tmp_path / "b")
+    assert res.manifest.cut == 0 and res.manifest.levels == 3
+    assert [g.role for g in res.manifest.graphs] == ["prefill", "prefill"]
+
+
 def test_tiny_bundle_and_standalone_server_half(tiny_dir, tmp_path):
     res = _export(tiny_dir, tmp_path / "b")
     m = res.manifest
@@ -91,3 +102,21 @@ def test_manifest_errors_are_clear(tmp_path):
 def test_export_help_has_example():
     r = CliRunner().invoke(main, ["export", "--help"])
     assert r.exit_code == 0 and "Example" in r.output and "--target" in r.output
+
+
+def test_unsupported_model_is_one_clear_line(tmp_path):
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig, Qwen2Config
+
+    cfg = LlavaConfig(vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                                              sliding_window=4, max_window_layers=0,
+                                              layer_types=["sliding_attention"] * 2),
+                      image_token_index=3)
+    LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    r = CliRunner().invoke(main, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "sliding-window" in lines[0], r.output

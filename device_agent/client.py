@@ -1,0 +1,139 @@
+"""The device side of split inference. Never imports torch: ONNX Runtime, numpy,
+Pillow, tokenizers and paho-mqtt only.
+
+    DeviceClient(bundle).ask(transport, image, prompt)
+      1. preprocess the image and tokenise the prompt exactly as the manifest says;
+      2. run the client prefill graph -> integer codes (and, cut > 0, the KV cache);
+      3. send the packed codes; at cut > 0 answer each NEXT_TOKEN with the codes of
+         that token from the decode-step graph, until the server sends the ANSWER.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeqtl.bundle import BundleError, BundleManifest
+from edgeqtl.imageproc import load_image, preprocess
+from edgeqtl.prompt import PromptEncoder
+from edgeqtl.transport import TransportError
+from edgeqtl.wire import Frame, FrameKind, array_frame, codes_frame, encode_frame, new_request_id
+
+log = logging.getLogger("edgeqtl.device")
+
+
+class ServerError(TransportError):
+    """The server answered with an ERROR frame; the message is its one line."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"server refused the request ({code}): {message}")
+        self.code = code
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    tokens: int
+    latency_s: float
+    bytes_up: int  # frames sent, headers included
+    bytes_up_fp16: int  # what 16-bit hidden states of the same tokens would have cost
+    round_trips: int
+
+
+PROVIDERS = {
+    "jetson": [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                              "trt_engine_cache_path": str(Path.home() / ".cache/edgeqtl/trt")}),
+               "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": ["CPUExecutionProvider"],
+    "arm64": ["CPUExecutionProvider"],
+}
+
+
+def _session(path: Path, target: str, threads: int | None):
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[target]
+    available = set(ort.get_available_providers())
+    providers = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+    missing = [(p[0] if isinstance(p, tuple) else p) for p in wanted if p not in providers]
+    if target == "jetson" and missing:
+        log.warning("execution providers %s are not available; running on %s", missing,
+                    [p[0] if isinstance(p, tuple) else p for p in providers])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+class DeviceClient:
+    def __init__(self, bundle_dir: str | Path, variant: str | None = None, threads: int | None = None):
+        self.dir = Path(bundle_dir)
+        self.manifest = m = BundleManifest.load(self.dir)
+        self.variant = variant or m.graph("prefill").variant  # fp32 first where there is one
+        for g in m.graphs:
+            if not (self.dir / g.file).is_file():
+                raise BundleError(f"bundle {self.dir} is missing {g.file}; copy the whole bundle directory")
+        self.prompts = PromptEncoder.from_bundle(self.dir, m.text)
+        self.prefill = _session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
+        self.decode = _session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
+
+    # ---------------------------------------------------------------- the client half
+    def encode(self, image, prompt: str):
+        """-> (wire array (1, T, D), attention mask (1, T), KV cache list)."""
+        img = load_image(image) if isinstance(image, (str, Path)) else image
+        pix = preprocess(img, self.manifest.image)
+        ids, mask = self.prompts.encode([prompt])
+        out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
+        return out[0], mask, out[1:]
+
+    def encode_token(self, token_id: int, mask: np.ndarray, past: list):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        feeds = {"input_ids": np.array([[token_id]], np.int64), "attention_mask": mask}
+        for i in range(self.manifest.cut):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = past[2 * i], past[2 * i + 1]
+        out = self.decode.run(None, feeds)
+        return out[0], mask, out[1:]
+
+    def frame(self, kind: FrameKind, wire: np.ndarray, request_id: bytes, step: int) -> Frame:
+        m = self.manifest
+        fields = dict(request_id=request_id, fingerprint=m.fingerprint_bytes, step=step)
+        if m.quantizer == "fsq":
+            return codes_frame(kind, wire, m.levels, **fields)
+        return array_frame(kind, wire.astype(np.float16), **fields)
+
+    # ---------------------------------------------------------------- one question
+    def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2) -> Answer:
+        """`transport` is a started edgeqtl.transport.RequestClient."""
+        t0 = time.perf_counter()
+        wire, mask, past = self.encode(image, prompt)
+        rid = new_request_id()
+        frame = self.frame(FrameKind.INFER_REQUEST, wire, rid, 0)
+        up, trips, tokens_sent = 0, 0, wire.shape[1]
+        while True:
+            frame = addressed(frame, transport)
+            up += len(encode_frame(frame))
+            reply = transport.request(frame, timeout=timeout, retries=retries)
+            trips += 1
+            if reply.kind == FrameKind.ERROR:
+                err = reply.json()
+                raise ServerError(err.get("code", "error"), err.get("message", ""))
+            if reply.kind == FrameKind.ANSWER:
+                a = reply.json()
+                fp16 = tokens_sent * self.manifest.hidden_size * 2
+                return Answer(a["text"], a["tokens"], time.perf_counter() - t0, up, fp16, trips)
+            if reply.kind != FrameKind.NEXT_TOKEN or self.decode is None:
+                raise ServerError("protocol", f"unexpected {reply.kind.name} reply")
+            nxt = reply.json()
+            wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)
+            tokens_sent += 1
+            frame = self.frame(FrameKind.DECODE_STEP, wire, rid, int(nxt["step"]))
+
+
+def addressed(frame: Frame, transport) -> Frame:
+    """The frame as the transport will send it (device id and reply topic filled in),
+    so that the byte count includes the whole header."""
+    return dataclasses.replace(frame, device_id=transport.device_id, reply_topic=transport.reply_topic)

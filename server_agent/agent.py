@@ -1,0 +1,43 @@
+"""The server agent: a GenerationEngine behind a Responder on the shared subscription.
+Several agents on one broker split the fleet's requests between them."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from edgeqtl.transport import DEFAULT_GROUP, BrokerConfig, Responder
+
+from .engine import GenerationEngine
+
+log = logging.getLogger("edgeqtl.server")
+
+
+def load_engine(server_half: str | Path, max_new_tokens: int = 8, device: str = "cpu") -> GenerationEngine:
+    from tokenizers import Tokenizer
+
+    from edgeqtl.models.server_half import load_server_half
+
+    bundle = load_server_half(server_half)
+    tok_path = Path(server_half) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    eos = bundle.meta.get("text", {}).get("eos_token_id", 0)
+    return GenerationEngine(bundle, tokenizer, eos, max_new_tokens=max_new_tokens, device=device)
+
+
+class ServerAgent(Responder):
+    """Answers INFER_REQUEST and DECODE_STEP frames with the engine."""
+
+    def __init__(self, engine: GenerationEngine, broker: BrokerConfig, group: str | None = DEFAULT_GROUP,
+                 client_id: str | None = None):
+        super().__init__(broker, engine.handle, group=group, client_id=client_id)
+        self.engine = engine
+
+    def stats(self) -> dict:
+        return {"served": self.served, "duplicates": self.duplicates, "open_sessions": len(self.engine.sessions)}
+
+
+def describe(engine: GenerationEngine) -> str:
+    s = engine.split
+    return json.dumps({"cut": s.cut, "quantizer": s.quantizer, "levels": s.levels,
+                       "fingerprint": engine.bundle.fingerprint[:16]})
