@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-family", type=int, default=500)
     ap.add_argument("--budget-min", type=float, default=15.0, help="fail if one run (train + eval) takes longer")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a run's result from an earlier invocation when its eval.json and timing.json exist")
     args = ap.parse_args(argv)
 
     names = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -40,6 +42,12 @@ def main(argv=None) -> int:
     results = {}
     for name in names:
         out = args.out / f"{name}-cut{args.cut}"
+        report_path, timing_path = out / "eval.json", out / "timing.json"
+        if args.reuse and report_path.is_file() and timing_path.is_file():
+            rep = {**json.loads(report_path.read_text()), **json.loads(timing_path.read_text())}
+            results[name] = rep
+            print(f"[{name}] reused from {out}: mean {100 * rep['mean_accuracy']:.2f}%", flush=True)
+            continue
         cmd = [sys.executable, "-m", "edgeqtl.cli", "train", "--preset", "tiny", "--cut", str(args.cut),
                *RUNS[name], "--seed", str(args.seed), "--threads", str(args.threads), "--out", str(out), "--quiet"]
         if args.steps:
@@ -48,13 +56,14 @@ def main(argv=None) -> int:
         print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         train_s = time.time() - t0
-        report_path = out / "eval.json"
         subprocess.run([sys.executable, "-m", "edgeqtl.cli", "eval", "--model", str(out), "--threads",
                         str(args.threads), "--per-family", str(args.per_family), "--json", str(report_path)],
                        check=True, stdout=subprocess.DEVNULL)
         total_s = time.time() - t0
         rep = json.loads(report_path.read_text())
-        rep.update(train_s=train_s, total_s=total_s)
+        timing = dict(train_s=train_s, total_s=total_s)
+        timing_path.write_text(json.dumps(timing))
+        rep.update(timing)
         results[name] = rep
         print(f"[{name}] mean {100 * rep['mean_accuracy']:.2f}%  train {train_s / 60:.1f} min, "
               f"train+eval {total_s / 60:.1f} min", flush=True)

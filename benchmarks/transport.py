@@ -44,13 +44,13 @@ def bench_codec(n_codes: int, repeats: int) -> list[tuple]:
 
 
 def bench_round_trip(nodelay: bool, port: int, payload: int, n: int) -> float:
-    from edgeqtl.transport import BrokerConfig, MqttEndpoint, Message
+    from edgeqtl.transport import BrokerConfig, MqttEndpoint
 
     cfg = BrokerConfig(port=port, nodelay=nodelay)
     got = threading.Event()
     server = MqttEndpoint(cfg, f"echo-{nodelay}", None, ["bench/req"])
-    server.handler = lambda m: server.publish("bench/reply", m.payload)
-    client = MqttEndpoint(cfg, f"client-{nodelay}", lambda m: got.set(), ["bench/reply"])
+    server.handler = lambda batch: [server.publish("bench/reply", m.payload) for m in batch]
+    client = MqttEndpoint(cfg, f"client-{nodelay}", lambda batch: got.set(), ["bench/reply"])
     data = b"\x5a" * payload
     times = []
     with server, client:

@@ -19,8 +19,8 @@ import numpy as np
 from edgeqtl.bundle import BundleError, BundleManifest
 from edgeqtl.imageproc import load_image, preprocess
 from edgeqtl.prompt import PromptEncoder
-from edgeqtl.transport import TransportError
-from edgeqtl.wire import Frame, FrameKind, array_frame, codes_frame, encode_frame, new_request_id
+from edgeqtl.transport import RequestTimeout, TransportError
+from edgeqtl.wire import Frame, FrameKind, array_frame, codes_frame, encode_frame, header_nbytes, new_request_id
 
 log = logging.getLogger("edgeqtl.device")
 
@@ -39,8 +39,9 @@ class Answer:
     tokens: int
     latency_s: float
     bytes_up: int  # frames sent, headers included
-    bytes_up_fp16: int  # what 16-bit hidden states of the same tokens would have cost
+    bytes_up_fp16: int  # the same frames carrying 16-bit hidden states instead, headers included
     round_trips: int
+    restarts: int = 0  # generations started again after their server agent died
 
 
 PROVIDERS = {
@@ -106,31 +107,72 @@ class DeviceClient:
         return array_frame(kind, wire.astype(np.float16), **fields)
 
     # ---------------------------------------------------------------- one question
-    def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2) -> Answer:
-        """`transport` is a started edgeqtl.transport.RequestClient."""
+    def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2,
+            restarts: int = 2) -> Answer:
+        """`transport` is a started edgeqtl.transport.RequestClient.
+
+        At cut > 0 a generation lives on one server agent; if that agent dies mid-answer
+        (its decode step times out, or it no longer knows the session) the generation
+        starts again from the prompt on whichever agent takes it, at most `restarts` times.
+        """
         t0 = time.perf_counter()
         wire, mask, past = self.encode(image, prompt)
+        sent = _Sent()
+        for attempt in range(restarts + 1):
+            try:
+                return dataclasses.replace(self._generate(transport, wire, mask, past, timeout, retries, t0, sent),
+                                           restarts=attempt)
+            except _SessionLost as lost:
+                if attempt == restarts:
+                    raise lost.error from None
+                log.warning("generation lost mid-answer (%s); starting again from the prompt", lost.error)
+        raise AssertionError("unreachable")
+
+    def _generate(self, transport, wire, mask, past, timeout, retries, t0, sent: "_Sent") -> Answer:
         rid = new_request_id()
         frame = self.frame(FrameKind.INFER_REQUEST, wire, rid, 0)
-        up, trips, tokens_sent = 0, 0, wire.shape[1]
+        server_id = None
         while True:
             frame = addressed(frame, transport)
-            up += len(encode_frame(frame))
-            reply = transport.request(frame, timeout=timeout, retries=retries)
-            trips += 1
+            sent.up += len(encode_frame(frame))
+            sent.fp16 += header_nbytes(frame) + frame.shape[1] * self.manifest.hidden_size * 2
+            try:
+                # Decode steps go to one server: no retries there, a silent one has lost the session.
+                reply = transport.request(frame, timeout=timeout, retries=0 if server_id else retries,
+                                          server_id=server_id)
+            except RequestTimeout as e:
+                if server_id is None:
+                    raise
+                raise _SessionLost(e) from None
+            sent.trips += 1
             if reply.kind == FrameKind.ERROR:
                 err = reply.json()
-                raise ServerError(err.get("code", "error"), err.get("message", ""))
+                error = ServerError(err.get("code", "error"), err.get("message", ""))
+                if error.code == "unknown_session":
+                    raise _SessionLost(error)
+                raise error
             if reply.kind == FrameKind.ANSWER:
                 a = reply.json()
-                fp16 = tokens_sent * self.manifest.hidden_size * 2
-                return Answer(a["text"], a["tokens"], time.perf_counter() - t0, up, fp16, trips)
+                return Answer(a["text"], a["tokens"], time.perf_counter() - t0, sent.up, sent.fp16, sent.trips)
             if reply.kind != FrameKind.NEXT_TOKEN or self.decode is None:
                 raise ServerError("protocol", f"unexpected {reply.kind.name} reply")
             nxt = reply.json()
+            server_id = nxt.get("server") or None
             wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)
-            tokens_sent += 1
             frame = self.frame(FrameKind.DECODE_STEP, wire, rid, int(nxt["step"]))
+
+
+@dataclasses.dataclass
+class _Sent:
+    """What one question has cost so far, restarts included."""
+    up: int = 0
+    fp16: int = 0
+    trips: int = 0
+
+
+class _SessionLost(Exception):
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 def addressed(frame: Frame, transport) -> Frame:

@@ -298,11 +298,13 @@ def _transport_errors(fn):
 @click.option("--no-shared", is_flag=True, help="Plain subscription, for brokers without $share (amqtt).")
 @click.option("--device", "torch_device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Requests waiting together are answered in one batch of at most this many (1: one at a time).")
 @click.option("--threads", type=int, default=None)
 @user_errors
 @_transport_errors
 def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shared, torch_device, max_new_tokens,
-           threads):
+           max_batch, threads):
     """Run a server agent: answers devices' requests with the server half.
 
     \b
@@ -319,8 +321,8 @@ def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shar
         torch.set_num_threads(threads)
     engine = load_engine(server_half, max_new_tokens=max_new_tokens, device=torch_device)
     cfg = _broker_config(broker_url, ca_file, cert_file, key_file)
-    agent = ServerAgent(engine, cfg, group=None if no_shared else group).start()
-    click.echo(f"server agent on {cfg.describe()}: {describe(engine)} (Ctrl-C to stop)")
+    agent = ServerAgent(engine, cfg, group=None if no_shared else group, max_batch=max_batch).start()
+    click.echo(f"server agent on {cfg.describe()}: {describe(engine)} (Ctrl-C to stop)", err=True)
     try:
         while True:
             time.sleep(1)
@@ -328,6 +330,7 @@ def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shar
         pass
     finally:
         agent.stop()
+        click.echo(f"stopped: {json.dumps(agent.stats())}", err=True)
 
 
 @main.group()
@@ -367,6 +370,141 @@ def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_
     click.echo(f"latency {1e3 * a.latency_s:.1f} ms, {a.round_trips} round trip(s), sent {a.bytes_up} B "
                f"(16-bit hidden states: {a.bytes_up_fp16} B, {100 * (1 - a.bytes_up / a.bytes_up_fp16):.1f}% saved)",
                err=True)
+
+
+@device.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An exported bundle directory.")
+@_broker_options
+@click.option("--jobs", type=click.File("r"), default="-", show_default=True,
+              help="A JSON-lines file of jobs ('-': standard input).")
+@click.option("--watch", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Instead of --jobs: answer every *.jsonl dropped into this folder (answers/ and done/ beside).")
+@click.option("--out", type=click.File("a"), default="-", show_default=True,
+              help="Where answers go as JSON lines with --jobs ('-': standard output).")
+@click.option("--device-id", default=None, help="This device's id (default: host name).")
+@click.option("--variant", type=click.Choice(["fp32", "int8", "fp16"]), default=None,
+              help="Which client graph (default: the bundle's first).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
+@click.option("--give-up", type=float, default=None,
+              help="Seconds a job may wait for the broker and a server before it gets an error line "
+                   "(default: wait for ever).")
+@user_errors
+@_transport_errors
+def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, device_id, variant, timeout, give_up):
+    """Run the device agent unattended: jobs in, answers out, as JSON lines.
+
+    A job is {"id": ..., "image": PATH, "prompt": TEXT}; each gets one answer line
+    {"id": ..., "answer": ..., "latency_ms": ..., "bytes_up": ...} or {"id": ..., "error": ...}.
+    Broker restarts are ridden out: jobs wait and retry, nothing is lost.
+
+    \b
+    Examples:
+      edgeqtl device run --bundle bundles/pi --broker mqtts://broker.lan --ca-file ca.crt < jobs.jsonl
+      edgeqtl device run --bundle bundles/pi --broker mqtt://broker.lan --watch /var/lib/edgeqtl/inbox
+    """
+    import logging
+    import socket as _socket
+
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.device_agent.runner import DeviceRunner, connect
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = DeviceClient(bundle, variant)
+    dev_id = device_id or _socket.gethostname().split(".")[0]
+    transport = connect(_broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    runner = DeviceRunner(client, transport, timeout=timeout, give_up_s=give_up)
+    click.echo(f"device agent {dev_id} on {transport.endpoint.cfg.describe()} with {bundle}", err=True)
+    try:
+        if watch is not None:
+            for done in runner.watch(watch):
+                click.echo(f"answered {done.name} -> {watch / 'answers' / done.name}", err=True)
+        else:
+            base = Path.cwd() if jobs.name == "<stdin>" else Path(jobs.name).parent  # relative image paths
+            runner.run_lines(jobs, out, base, "job")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.stop()
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/edgeqtl-demo"), show_default=True,
+              help="Where the trained model and the bundle are cached between runs.")
+@click.option("--steps", type=int, default=2000, show_default=True,
+              help="Training steps when no trained model is cached (5500 reaches the benchmark's accuracy).")
+@click.option("--questions", type=int, default=100, show_default=True, help="Held-out questions to ask.")
+@click.option("--retrain", is_flag=True, help="Train again even if a model is cached.")
+@user_errors
+@_transport_errors
+def demo(workdir, steps, questions, retrain):
+    """End to end on this machine: train the tiny model (if not cached), export a
+    bundle, start a broker, a server agent and a device agent, and ask questions.
+
+    \b
+    Example:
+      edgeqtl demo
+      edgeqtl demo --steps 5500 --retrain     # the full recipe (~12 min on 2 cores)
+    """
+    import dataclasses
+    import shutil
+
+    from edgeqtl import shapes
+    from edgeqtl.broker import MosquittoBroker, start_broker
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitConfig, SplitModel
+    from edgeqtl.models.training import TrainConfig
+    from edgeqtl.models.training import train as run_training
+    from edgeqtl.server_agent.agent import ServerAgent, load_engine
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    model_dir, bundle_dir = workdir / "model", workdir / "bundle"
+    if retrain or not (model_dir / "edgeqtl_split.json").is_file():
+        for d in (model_dir, bundle_dir):
+            if d.exists():
+                shutil.rmtree(d)
+        click.echo(f"1/4 training the tiny model, 2-bit codes at cut 0, {steps} steps -> {model_dir}")
+        base = TrainConfig()
+        cfg = dataclasses.replace(base, steps=steps, curriculum_steps=min(base.curriculum_steps, steps // 3),
+                                  vision_steps=min(base.vision_steps, steps // 5))
+        run_training(SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4)), shapes.build_tokenizer(), cfg,
+                     out_dir=model_dir)
+    else:
+        click.echo(f"1/4 using the trained model cached in {model_dir} (--retrain to train again)")
+    if (bundle_dir / "manifest.json").is_file():
+        click.echo(f"2/4 using the device bundle cached in {bundle_dir}")
+    else:
+        click.echo(f"2/4 exporting and verifying the device bundle -> {bundle_dir}")
+        res = export_bundle(ExportOptions(model_dir, bundle_dir, verify_per_family=20), progress=None)
+        click.echo(res.verification.table())
+
+    broker = start_broker()
+    mosquitto = isinstance(broker, MosquittoBroker)
+    click.echo(f"3/4 broker: {'mosquitto' if mosquitto else 'embedded amqtt'} on {broker.url}")
+    try:
+        cfg = BrokerConfig.from_url(broker.url)
+        engine = load_engine(bundle_dir / "server")
+        with ServerAgent(engine, cfg, group="edgeqtl-servers" if mosquitto else None), \
+                RequestClient(cfg, "demo-device") as transport:
+            client = DeviceClient(bundle_dir)
+            samples = shapes.heldout(max(1, questions // len(shapes.FAMILIES)))
+            click.echo(f"4/4 the device asks {len(samples)} held-out questions through the broker")
+            right, up, fp16, lat = 0, 0, 0, []
+            for i, s in enumerate(samples):
+                a = client.ask(transport, s.image, s.question)
+                ok = shapes.answer_word(a.text) == s.answer
+                right += ok
+                up, fp16 = up + a.bytes_up, fp16 + a.bytes_up_fp16
+                lat.append(a.latency_s)
+                if i % max(1, len(samples) // 8) == 0:
+                    click.echo(f"   {s.question:<52} -> {a.text:<10} ({'right' if ok else 'wrong, ' + s.answer})")
+    finally:
+        broker.stop()
+    n = len(samples)
+    click.echo(f"held-out accuracy over the broker: {100 * right / n:.1f}% of {n}")
+    click.echo(f"uplink: {up / n:.0f} B per question (frames, headers included) vs {fp16 / n:.0f} B as 16-bit "
+               f"hidden states: {100 * (1 - up / fp16):.1f}% saved; median latency {1e3 * sorted(lat)[n // 2]:.1f} ms")
 
 
 if __name__ == "__main__":  # pragma: no cover

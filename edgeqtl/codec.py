@@ -115,3 +115,76 @@ def unpack_codes(data: bytes | memoryview, levels: int, shape: tuple[int, ...]) 
     if int(out.max(initial=0)) >= levels:
         raise CodecError(f"unpacked code out of range for {levels} levels")
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- gradients
+#
+# Split training sends back the gradient with respect to the dequantised codes, a float
+# array (..., D). Three codecs, each per row (the last axis) with a float32 scale:
+#   fp16  raw float16 (the 16-bit baseline);
+#   int8  round to nearest of g / s, s = max|g_row| / 127;  |error| <= s / 2 per element;
+#   int4  stochastic rounding of g / s, s = max|g_row| / 7, to an integer in [-7, 7]:
+#         floor(x) + Bernoulli(x - floor(x)), so E[Q(g)] = g exactly (unbiased, as SFLAM's
+#         quantizer), with variance p(1 - p) s^2 <= s^2 / 4 per element. Stored as q + 8
+#         in 4-bit symbols (pack_codes with 16 levels).
+# Payload: float32 scales (one per row, little-endian) then the packed values.
+
+GRADIENT_CODECS = ("fp16", "int8", "int4")
+_GRAD_QMAX = {"int8": 127, "int4": 7}
+
+
+def gradient_nbytes(shape: tuple[int, ...], codec: str) -> int:
+    n = math.prod(shape)
+    rows = n // shape[-1] if shape and shape[-1] else 0
+    if codec == "fp16":
+        return 2 * n
+    if codec == "int8":
+        return 4 * rows + n
+    if codec == "int4":
+        return 4 * rows + packed_nbytes(n, 16)
+    raise CodecError(f"gradient codec must be one of {GRADIENT_CODECS}, got {codec!r}")
+
+
+def encode_gradient(g: np.ndarray, codec: str, rng: np.random.Generator | None = None) -> bytes:
+    """float array (..., D) -> payload bytes. `rng` drives int4's stochastic rounding."""
+    g = np.asarray(g, dtype=np.float32)
+    if g.ndim == 0 or not np.isfinite(g).all():
+        raise CodecError("a gradient is a finite float array with at least one axis")
+    if codec == "fp16":
+        return g.astype("<f2").tobytes()
+    if codec not in _GRAD_QMAX:
+        raise CodecError(f"gradient codec must be one of {GRADIENT_CODECS}, got {codec!r}")
+    qmax = _GRAD_QMAX[codec]
+    rows = g.reshape(-1, g.shape[-1])
+    scale = np.abs(rows).max(axis=1) / qmax
+    x = np.divide(rows, scale[:, None], out=np.zeros_like(rows), where=scale[:, None] > 0)
+    if codec == "int8":
+        q = np.clip(np.rint(x), -qmax, qmax).astype(np.int8)
+        return scale.astype("<f4").tobytes() + q.tobytes()
+    rng = rng if rng is not None else np.random.default_rng()
+    lo = np.floor(x)
+    q = lo + (rng.random(x.shape, dtype=np.float32) < (x - lo))
+    q = np.clip(q, -qmax, qmax).astype(np.int16) + 8
+    return scale.astype("<f4").tobytes() + pack_codes(q.astype(np.uint8), 16)
+
+
+def decode_gradient(data: bytes | memoryview, codec: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Payload bytes -> float32 gradient of `shape`; sizes are checked first."""
+    expected = gradient_nbytes(shape, codec)
+    if len(data) != expected:
+        raise CodecError(f"{len(data)} bytes for a {codec} gradient of shape {list(shape)}; expected {expected}")
+    if codec == "fp16":
+        return np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape)
+    n = math.prod(shape)
+    rows = n // shape[-1] if shape[-1] else 0
+    scale = np.frombuffer(data[: 4 * rows], dtype="<f4")
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise CodecError("gradient scales must be finite and non-negative")
+    body = data[4 * rows:]
+    if codec == "int8":
+        q = np.frombuffer(body, dtype=np.int8).astype(np.float32)
+    else:
+        q = unpack_codes(body, 16, (n,)).astype(np.float32) - 8
+        if (q < -7).any():
+            raise CodecError("int4 gradient symbol out of range")
+    return (q.reshape(rows, -1) * scale[:, None]).reshape(shape)

@@ -3,6 +3,9 @@
 Topics (docs/PROTOCOL.md):
     edgeqtl/v1/req/<device-id>     requests; every server agent reads them through the
                                    shared subscription $share/<group>/edgeqtl/v1/req/+
+    edgeqtl/v1/srv/<server-id>/req/<device-id>
+                                   decode steps (cut > 0), sent back to the one server
+                                   agent that holds the generation's KV cache
     edgeqtl/v1/reply/<device-id>   replies to one device
 
 Rules kept here, not left to paho:
@@ -25,8 +28,8 @@ import queue
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
+import uuid
 from typing import Callable
 
 from .wire import Frame, FrameKind, ProtocolError, decode_frame, encode_frame, json_frame
@@ -44,6 +47,12 @@ def request_topic(device_id: str) -> str:
 
 def reply_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/reply/{device_id}"
+
+
+def server_request_topic(server_id: str, device_id: str) -> str:
+    """One server agent's own request topic: decode steps go back to the server that
+    holds the generation's KV cache (cut > 0), while new prompts use the shared topic."""
+    return f"{TOPIC_ROOT}/srv/{server_id}/req/{device_id}"
 
 
 def shared_request_subscription(group: str = DEFAULT_GROUP) -> str:
@@ -114,13 +123,17 @@ class Message:
 class MqttEndpoint:
     """One paho client with the rules above. `handler(Message)` runs on a worker thread."""
 
-    def __init__(self, cfg: BrokerConfig, client_id: str, handler: Callable[[Message], None] | None = None,
-                 subscriptions: list[str] | None = None, max_packet_fallback: int = MQTT_MAX_PACKET):
+    def __init__(self, cfg: BrokerConfig, client_id: str, handler: Callable[[list[Message]], None] | None = None,
+                 subscriptions: list[str] | None = None, max_packet_fallback: int = MQTT_MAX_PACKET,
+                 max_batch: int = 1):
+        """`handler` receives the messages waiting when the worker is free, at most
+        `max_batch` at a time (a list of one with the default)."""
         import paho.mqtt.client as mqtt
 
         self.cfg = cfg
         self.client_id = client_id
         self.handler = handler
+        self.max_batch = max(1, max_batch)
         self.subscriptions = list(subscriptions or [])
         self.max_packet_size = max_packet_fallback
         self._connected = threading.Event()
@@ -214,12 +227,24 @@ class MqttEndpoint:
             m = self._inbox.get()
             if m is None:
                 return
+            batch = [m]
+            # Take what else is already waiting, without waiting for more: under load the
+            # batches grow by themselves, and a lone request is never delayed.
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._inbox.put(None)
+                    break
+                batch.append(nxt)
             if self.handler is None:
                 continue
             try:
-                self.handler(m)
+                self.handler(batch)
             except Exception:  # one bad message never stops the endpoint
-                log.exception("%s: handler failed on a message from %s", self.client_id, m.topic)
+                log.exception("%s: handler failed on %d message(s) from %s", self.client_id, len(batch), m.topic)
 
     # ---------------------------------------------------------------- publishing
     def packet_size(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> int:
@@ -286,22 +311,26 @@ class RequestClient(_OwnsEndpoint):
         # keyed by (request id, step): the decode steps of one generation share an id
         self._pending: dict[tuple[bytes, int], tuple[threading.Event, list]] = {}
         self._lock = threading.Lock()
+        self.resends = 0  # requests sent again after a timeout
         self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
 
-    def _on_reply(self, m: Message) -> None:
-        try:
-            f = decode_frame(m.payload)
-        except ProtocolError as e:
-            log.warning("dropped a corrupt reply on %s: %s", m.topic, e)
-            return
-        with self._lock:
-            slot = self._pending.get((f.request_id, f.step))
-        if slot is None:
-            return  # a late duplicate of a reply already taken
-        slot[1].append(f)
-        slot[0].set()
+    def _on_reply(self, batch: list[Message]) -> None:
+        for m in batch:
+            try:
+                f = decode_frame(m.payload)
+            except ProtocolError as e:
+                log.warning("dropped a corrupt reply on %s: %s", m.topic, e)
+                continue
+            with self._lock:
+                slot = self._pending.get((f.request_id, f.step))
+            if slot is None:
+                continue  # a late duplicate of a reply already taken
+            slot[1].append(f)
+            slot[0].set()
 
-    def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2) -> Frame:
+    def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2, server_id: str | None = None) -> Frame:
+        """server_id: send to that server agent's own topic instead of the shared one."""
+        topic = server_request_topic(server_id, self.device_id) if server_id else request_topic(self.device_id)
         frame = dataclasses.replace(frame, device_id=self.device_id, reply_topic=self.reply_topic)
         data = encode_frame(frame)
         event, box = threading.Event(), []
@@ -312,7 +341,8 @@ class RequestClient(_OwnsEndpoint):
             for attempt in range(retries + 1):
                 if not self.endpoint.wait_connected(timeout):
                     continue
-                self.endpoint.publish(request_topic(self.device_id), data, self.reply_topic, frame.request_id)
+                self.resends += attempt > 0
+                self.endpoint.publish(topic, data, self.reply_topic, frame.request_id)
                 if event.wait(timeout):
                     return box[0]
                 log.info("request %s: no reply in %.1f s (attempt %d)", frame.request_id.hex()[:8], timeout, attempt + 1)
@@ -325,22 +355,31 @@ class RequestClient(_OwnsEndpoint):
 
 class Responder(_OwnsEndpoint):
     """Server side: reads requests through the shared subscription and publishes what
-    `handle(frame) -> Frame` returns. A request id seen before is answered from a cache,
-    so a duplicate delivery or a device's retry is never computed twice. The cache key is
-    (device id, request id, kind, step): the decode steps of one generation share an id."""
+    `handle_batch(frames) -> frames` returns (one reply per frame, in order). Requests
+    that arrive while the handler is busy are handed over together, at most `max_batch`.
 
-    def __init__(self, cfg: BrokerConfig, handle: Callable[[Frame], Frame], group: str | None = DEFAULT_GROUP,
-                 client_id: str | None = None, cache_size: int = 1024):
+    A request seen before is answered from a cache, so a duplicate delivery or a device's
+    retry is never computed twice. The cache key is (device id, request id, kind, step):
+    the decode steps of one generation share a request id."""
+
+    def __init__(self, cfg: BrokerConfig, handle_batch: Callable[[list[Frame]], list[Frame]],
+                 group: str | None = DEFAULT_GROUP, client_id: str | None = None, cache_size: int = 1024,
+                 max_batch: int = 1):
         """group=None subscribes without a shared subscription (a broker without them,
         such as the embedded amqtt, and then only one server agent)."""
-        self.handle = handle
+        self.handle_batch = handle_batch
+        self.server_id = client_id or f"srv-{uuid.uuid4().hex[:12]}"
+        if any(c in self.server_id for c in "/+#$"):
+            raise ValueError(f"server id {self.server_id!r} must not contain / + # $")
         self.cache: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self.cache_size = cache_size
         self.duplicates = 0
         self.served = 0
+        self.batches = 0
         self._lock = threading.Lock()
-        self.endpoint = MqttEndpoint(cfg, client_id or f"edgeqtl-srv-{time.time_ns() % 10 ** 9}", self._on_request,
-                                     [shared_request_subscription(group) if group else f"{TOPIC_ROOT}/req/+"])
+        self.endpoint = MqttEndpoint(cfg, self.server_id, self._on_requests,
+                                     [shared_request_subscription(group) if group else f"{TOPIC_ROOT}/req/+",
+                                      server_request_topic(self.server_id, "+")], max_batch=max_batch)
 
     def _reply_address(self, m: Message, frame: Frame | None) -> str:
         if m.response_topic:  # MQTT 5
@@ -349,34 +388,57 @@ class Responder(_OwnsEndpoint):
             return frame.reply_topic
         return reply_topic(m.topic.rsplit("/", 1)[-1])  # last resort: the request topic's device id
 
-    def _on_request(self, m: Message) -> None:
-        try:
-            frame = decode_frame(m.payload)
-        except ProtocolError as e:
-            # The sender cannot be trusted to be anyone, but a corrupt frame still gets an answer.
-            rid = m.correlation if m.correlation and len(m.correlation) == 16 else bytes(16)
-            err = error_frame(rid, bytes(16), "bad_frame", str(e))
-            self.endpoint.publish(self._reply_address(m, None), encode_frame(err), correlation=m.correlation)
+    def _on_requests(self, batch: list[Message]) -> None:
+        todo: dict[tuple, tuple[Frame, list[Message]]] = {}  # new work, with every message that asked for it
+        for m in batch:
+            try:
+                frame = decode_frame(m.payload)
+            except ProtocolError as e:
+                # The sender cannot be trusted to be anyone, but a corrupt frame still gets an answer.
+                rid = m.correlation if m.correlation and len(m.correlation) == 16 else bytes(16)
+                self._publish(m, None, encode_frame(error_frame(rid, bytes(16), "bad_frame", str(e))))
+                continue
+            key = (frame.device_id, frame.request_id, frame.kind, frame.step)
+            with self._lock:
+                cached = self.cache.get(key)
+            if cached is not None or key in todo:
+                self.duplicates += 1
+                if cached is not None:
+                    self._publish(m, frame, cached)
+                else:
+                    todo[key][1].append(m)
+                continue
+            todo[key] = (frame, [m])
+        if not todo:
             return
-        key = (frame.device_id, frame.request_id, frame.kind, frame.step)  # decode steps share a request id
-        with self._lock:
-            cached = self.cache.get(key)
-        if cached is not None:
-            self.duplicates += 1
-            self.endpoint.publish(self._reply_address(m, frame), cached, correlation=m.correlation)
-            return
+        frames = [f for f, _ in todo.values()]
         try:
-            reply = self.handle(frame)
+            replies = self.handle_batch(frames)
         except Exception as e:  # keep serving other devices
-            log.exception("handler failed for request %s", frame.request_id.hex()[:8])
-            reply = error_frame(frame.request_id, frame.fingerprint, "server_error", f"{type(e).__name__}: {e}")
-        data = encode_frame(reply)
-        with self._lock:
-            self.cache[key] = data
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-            self.served += 1
-        self.endpoint.publish(self._reply_address(m, frame), data, correlation=m.correlation)
+            log.exception("handler failed on a batch of %d", len(frames))
+            replies = [error_frame(f.request_id, f.fingerprint, "server_error", f"{type(e).__name__}: {e}")
+                       for f in frames]
+        self.batches += 1
+        for (key, (frame, msgs)), reply in zip(todo.items(), replies):
+            data = encode_frame(reply)
+            with self._lock:
+                self.cache[key] = data
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+                self.served += 1
+            for m in msgs:
+                self._publish(m, frame, data)
+
+    def _publish(self, m: Message, frame: Frame | None, data: bytes) -> None:
+        try:
+            self.endpoint.publish(self._reply_address(m, frame), data, correlation=m.correlation)
+        except TransportError as e:  # the device retries; the reply waits in the cache
+            log.warning("could not send a reply to %s: %s", self._reply_address(m, frame), e)
+
+
+def one_by_one(handle: Callable[[Frame], Frame]) -> Callable[[list[Frame]], list[Frame]]:
+    """A Responder handler from a per-frame function (no batching)."""
+    return lambda frames: [handle(f) for f in frames]
 
 
 def error_frame(request_id: bytes, fingerprint: bytes, code: str, message: str) -> Frame:

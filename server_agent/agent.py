@@ -29,12 +29,16 @@ class ServerAgent(Responder):
     """Answers INFER_REQUEST and DECODE_STEP frames with the engine."""
 
     def __init__(self, engine: GenerationEngine, broker: BrokerConfig, group: str | None = DEFAULT_GROUP,
-                 client_id: str | None = None):
-        super().__init__(broker, engine.handle, group=group, client_id=client_id)
+                 client_id: str | None = None, max_batch: int = 16):
+        """max_batch: requests waiting together are answered in one batch of at most this
+        many (1: one at a time)."""
+        super().__init__(broker, engine.handle_batch, group=group, client_id=client_id, max_batch=max_batch)
         self.engine = engine
+        engine.server_id = self.server_id  # decode steps come back to the server holding the KV cache
 
     def stats(self) -> dict:
-        return {"served": self.served, "duplicates": self.duplicates, "open_sessions": len(self.engine.sessions)}
+        return {"served": self.served, "batches": self.batches, "duplicates": self.duplicates,
+                "open_sessions": len(self.engine.sessions)}
 
 
 def describe(engine: GenerationEngine) -> str:

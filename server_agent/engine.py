@@ -7,7 +7,10 @@ whole answer on its own: one round trip per question.
 cut > 0: the device's layers hold a KV cache, so each new token is a round trip:
     INFER_REQUEST (prompt codes)  -> NEXT_TOKEN {token_id, step: 1}
     DECODE_STEP   (codes, step k) -> NEXT_TOKEN {token_id, step: k + 1} ... -> ANSWER
-The server keeps each session's KV cache of its own layers until the answer or a timeout.
+The server keeps each session's KV cache of its own layers until the answer or a timeout;
+NEXT_TOKEN names the server ("server"), and the device sends the decode steps to that
+server's own topic, since no other agent of the shared group holds the cache.
+Requests that arrive together are answered as one batch (`handle_batch`).
 Every reply carries the step of the request it answers (the frame's `step` field), so a
 late duplicate of an earlier step's reply is never mistaken for the current one.
 
@@ -17,6 +20,7 @@ nothing a device sends can stop the engine serving others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 
@@ -27,6 +31,8 @@ from edgeqtl.wire import Codec, Frame, FrameKind, ProtocolError, json_frame
 from edgeqtl.codec import CodecError
 from edgeqtl.models.split import KVCache
 
+log = logging.getLogger("edgeqtl.server")
+
 
 class RequestError(ValueError):
     def __init__(self, code: str, message: str):
@@ -36,7 +42,7 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass
 class Session:
-    cache: KVCache
+    cache: KVCache | None
     mask: torch.Tensor  # (1, tokens so far)
     tokens: list[int]
     step: int
@@ -57,6 +63,7 @@ class GenerationEngine:
         self.session_timeout = session_timeout
         self.device = device
         self.sessions: dict[tuple[str, bytes], Session] = {}
+        self.server_id: str | None = None  # set by the agent: where this generation's decode steps must go
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- validation
@@ -82,11 +89,71 @@ class GenerationEngine:
             raise RequestError("bad_codes", str(e)) from None
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
 
+    # ---------------------------------------------------------------- frames
+    def handle(self, frame: Frame) -> Frame:
+        return self.handle_batch([frame])[0]
+
+    def handle_batch(self, frames: list[Frame]) -> list[Frame]:
+        """Answer several requests (from different devices) with one forward pass per
+        step: prompts are left-padded into one batch, decode steps of different sessions
+        share one pass over their merged KV caches. A defect in one request becomes
+        that request's ERROR frame; the others are answered."""
+        replies: list[Frame | None] = [None] * len(frames)
+        prefills, decodes = [], []
+        for i, frame in enumerate(frames):
+            try:
+                prefills_or_decodes = self._admit(frame)
+                (prefills if frame.kind == FrameKind.INFER_REQUEST else decodes).append((i, *prefills_or_decodes))
+            except RequestError as e:
+                replies[i] = self._error(frame, e)
+        for group, run in ((prefills, self._prefill), (decodes, self._decode)):
+            if not group:
+                continue
+            try:
+                for (i, *_), reply in zip(group, run(group)):
+                    replies[i] = reply
+            except Exception:
+                if len(group) == 1:
+                    raise
+                # One request broke the batch: answer each on its own, so the others still get theirs.
+                log.exception("a batch of %d failed; answering its requests one by one", len(group))
+                for item in group:
+                    try:
+                        replies[item[0]] = run([item])[0]
+                    except Exception as e:  # noqa: BLE001 - reported to that device only
+                        replies[item[0]] = self._error(item[1], RequestError("server_error", f"{type(e).__name__}: {e}"))
+        return replies
+
+    def _admit(self, frame: Frame) -> tuple:
+        """Validate one request -> (frame, wire tensor[, session])."""
+        if frame.fingerprint != self.bundle.fingerprint_bytes:
+            raise RequestError("fingerprint_mismatch",
+                               f"bundle fingerprint {frame.fingerprint.hex()} does not match this server's "
+                               f"{self.bundle.fingerprint_bytes.hex()}: export the device bundle and the server "
+                               "half together and deploy both")
+        if frame.kind == FrameKind.INFER_REQUEST:
+            return frame, self.wire_tensor(frame)
+        if frame.kind == FrameKind.DECODE_STEP:
+            with self._lock:
+                session = self.sessions.get((frame.device_id, frame.request_id))
+            if session is None:
+                raise RequestError("unknown_session", "no open generation for this request (expired or never "
+                                                      "started); send the prompt again")
+            if frame.step != session.step:
+                raise RequestError("bad_step", f"expected decode step {session.step}, got {frame.step}")
+            return frame, self.wire_tensor(frame, expect_tokens=1), session
+        raise RequestError("bad_kind", f"a server agent takes INFER_REQUEST and DECODE_STEP, not {frame.kind.name}")
+
+    @staticmethod
+    def _error(frame: Frame, e: RequestError) -> Frame:
+        return json_frame(FrameKind.ERROR, {"code": e.code, "message": str(e)}, request_id=frame.request_id,
+                          fingerprint=frame.fingerprint, step=frame.step)
+
     # ---------------------------------------------------------------- model steps
     @torch.no_grad()
-    def _forward(self, wire: torch.Tensor, session: Session) -> int:
-        logits = self.server(wire, session.mask, session.cache)
-        return int(logits[0, -1].argmax())
+    def _step(self, wire: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> list[int]:
+        logits = self.server(wire, mask, cache)
+        return logits[:, -1].argmax(-1).tolist()
 
     def _done(self, session: Session) -> bool:
         return session.tokens[-1] == self.eos or len(session.tokens) >= self.max_new_tokens \
@@ -97,64 +164,82 @@ class GenerationEngine:
         return json_frame(FrameKind.ANSWER, {"text": self.tok.decode(ids), "tokens": len(ids), "token_ids": ids},
                           request_id=frame.request_id, fingerprint=frame.fingerprint, step=frame.step)
 
-    # ---------------------------------------------------------------- frames
-    def handle(self, frame: Frame) -> Frame:
-        try:
-            if frame.fingerprint != self.bundle.fingerprint_bytes:
-                raise RequestError("fingerprint_mismatch",
-                                   f"bundle fingerprint {frame.fingerprint.hex()} does not match this server's "
-                                   f"{self.bundle.fingerprint_bytes.hex()}: export the device bundle and the server "
-                                   "half together and deploy both")
-            if frame.kind == FrameKind.INFER_REQUEST:
-                return self._prefill(frame)
-            if frame.kind == FrameKind.DECODE_STEP:
-                return self._decode(frame)
-            raise RequestError("bad_kind", f"a server agent takes INFER_REQUEST and DECODE_STEP, not {frame.kind.name}")
-        except RequestError as e:
-            return json_frame(FrameKind.ERROR, {"code": e.code, "message": str(e)}, request_id=frame.request_id,
-                              fingerprint=frame.fingerprint, step=frame.step)
-
-    def _prefill(self, frame: Frame) -> Frame:
-        wire = self.wire_tensor(frame)
-        session = Session(KVCache(), torch.ones(1, wire.shape[1], dtype=torch.long, device=self.device), [], 0,
-                          time.time() + self.session_timeout)
-        session.tokens.append(self._forward(wire, session))
-        session.step = 1
-        if self.split.cut == 0:  # generate on our own
-            while not self._done(session):
-                t = torch.tensor([[session.tokens[-1]]], device=self.device)
-                session.mask = torch.cat([session.mask, session.mask.new_ones(1, 1)], dim=1)
-                session.tokens.append(self._forward(self.token_encoder(t), session))
-                session.step += 1
-            return self._answer(frame, session)
-        if self._done(session):
-            return self._answer(frame, session)
-        with self._lock:
-            self._expire()
-            self.sessions[(frame.device_id, frame.request_id)] = session
-        return self._next(frame, session)
-
-    def _decode(self, frame: Frame) -> Frame:
-        with self._lock:
-            session = self.sessions.get((frame.device_id, frame.request_id))
-        if session is None:
-            raise RequestError("unknown_session", "no open generation for this request (expired or never started); "
-                                                  "send the prompt again")
-        if frame.step != session.step:
-            raise RequestError("bad_step", f"expected decode step {session.step}, got {frame.step}")
-        wire = self.wire_tensor(frame, expect_tokens=1)
-        session.mask = torch.cat([session.mask, session.mask.new_ones(1, 1)], dim=1)
-        session.tokens.append(self._forward(wire, session))
-        session.step += 1
-        session.deadline = time.time() + self.session_timeout
-        if self._done(session):
+    def _prefill(self, group: list[tuple]) -> list[Frame]:
+        frames, wires = [g[1] for g in group], [g[2] for g in group]
+        lengths = [w.shape[1] for w in wires]
+        t_max = max(lengths)
+        # Left padding: positions come from the mask, so a padded prompt sees what it would alone.
+        wire = torch.cat([torch.nn.functional.pad(w, (0, 0, t_max - n, 0)) for w, n in zip(wires, lengths)])
+        mask = torch.zeros(len(wires), t_max, dtype=torch.long, device=self.device)
+        for row, n in enumerate(lengths):
+            mask[row, t_max - n:] = 1
+        cache = KVCache()
+        first = self._step(wire, mask, cache)
+        now = time.time() + self.session_timeout
+        sessions = [Session(None, torch.ones(1, n, dtype=torch.long, device=self.device), [t], 1, now)
+                    for n, t in zip(lengths, first)]
+        if self.split.cut == 0:  # the server holds the token encoder: generate to the end, all rows at once
+            while not all(self._done(s) for s in sessions):
+                last = torch.tensor([[s.tokens[-1]] for s in sessions], device=self.device)
+                mask = torch.cat([mask, mask.new_ones(len(sessions), 1)], dim=1)
+                for s, t in zip(sessions, self._step(self.token_encoder(last), mask, cache)):
+                    s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
+                    if not self._done(s):
+                        s.tokens.append(t)
+                        s.step += 1
+            return [self._answer(f, s) for f, s in zip(frames, sessions)]
+        replies = []
+        for row, (f, s) in enumerate(zip(frames, sessions)):
+            if self._done(s):
+                replies.append(self._answer(f, s))
+                continue
+            s.cache = KVCache({i: (k[row:row + 1, :, t_max - lengths[row]:], v[row:row + 1, :, t_max - lengths[row]:])
+                               for i, (k, v) in cache.kv.items()})
             with self._lock:
-                self.sessions.pop((frame.device_id, frame.request_id), None)
-            return self._answer(frame, session)
-        return self._next(frame, session)
+                self._expire()
+                self.sessions[(f.device_id, f.request_id)] = s
+            replies.append(self._next(f, s))
+        return replies
+
+    def _decode(self, group: list[tuple]) -> list[Frame]:
+        frames, wires, sessions = [g[1] for g in group], [g[2] for g in group], [g[3] for g in group]
+        if len(sessions) == 1:
+            s = sessions[0]
+            s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
+            tokens = self._step(wires[0], s.mask, s.cache)
+        else:
+            lengths = [s.mask.shape[1] for s in sessions]
+            l_max = max(lengths)
+            mask = torch.zeros(len(sessions), l_max + 1, dtype=torch.long, device=self.device)
+            for row, n in enumerate(lengths):
+                mask[row, l_max - n:] = 1
+            pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, l_max - n, 0))  # noqa: E731
+            cache = KVCache({i: (torch.cat([pad(s.cache.kv[i][0], n) for s, n in zip(sessions, lengths)]),
+                                 torch.cat([pad(s.cache.kv[i][1], n) for s, n in zip(sessions, lengths)]))
+                             for i in sessions[0].cache.kv})
+            tokens = self._step(torch.cat(wires), mask, cache)
+            for row, (s, n) in enumerate(zip(sessions, lengths)):
+                s.cache = KVCache({i: (k[row:row + 1, :, l_max - n:], v[row:row + 1, :, l_max - n:])
+                                   for i, (k, v) in cache.kv.items()})
+                s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
+        replies = []
+        for f, s, t in zip(frames, sessions, tokens):
+            s.tokens.append(t)
+            s.step += 1
+            s.deadline = time.time() + self.session_timeout
+            if self._done(s):
+                with self._lock:
+                    self.sessions.pop((f.device_id, f.request_id), None)
+                replies.append(self._answer(f, s))
+            else:
+                replies.append(self._next(f, s))
+        return replies
 
     def _next(self, frame: Frame, session: Session) -> Frame:
-        return json_frame(FrameKind.NEXT_TOKEN, {"token_id": session.tokens[-1], "step": session.step},
+        body = {"token_id": session.tokens[-1], "step": session.step}
+        if self.server_id:
+            body["server"] = self.server_id
+        return json_frame(FrameKind.NEXT_TOKEN, body,
                           request_id=frame.request_id, fingerprint=frame.fingerprint, step=frame.step)
 
     def _expire(self) -> None:

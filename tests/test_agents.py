@@ -1,6 +1,7 @@
 """Split inference end to end: ONNX device client + server agent over a real mosquitto."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,163 @@ def test_bad_requests_get_clear_errors_and_service_goes_on(exported, mosquitto):
             client.ask(t, s.image, s.question, timeout=5)
         engine.max_context = 2048
         assert isinstance(client.ask(t, s.image, s.question, timeout=5).text, str)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeqtl.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--steps", "20", "--questions", "10"])
+    assert r.exit_code == 0, r.output
+    assert "held-out accuracy over the broker" in r.output and "% saved" in r.output
+    # a second run reuses the cached model and bundle
+    r2 = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--questions", "5"])
+    assert r2.exit_code == 0, r2.output
+    assert "using the trained model cached" in r2.output and "using the device bundle cached" in r2.output
+
+
+def _lockstep(engine, client, samples, batched: bool):
+    """Drive several generations through the engine at once (one batch per step) or one by one."""
+    from edgeqtl.wire import Frame
+
+    states = []
+    for s in samples:
+        wire, mask, past = client.encode(s.image, s.question)
+        rid = new_request_id()
+        states.append({"frame": client.frame(FrameKind.INFER_REQUEST, wire, rid, 0), "mask": mask, "past": past,
+                       "dev": f"dev-{len(states)}", "answer": None})
+    while any(st["answer"] is None for st in states):
+        live = [st for st in states if st["answer"] is None]
+        frames: list[Frame] = [dataclasses.replace(st["frame"], device_id=st["dev"]) for st in live]
+        replies = engine.handle_batch(frames) if batched else [engine.handle(f) for f in frames]
+        for st, reply in zip(live, replies):
+            assert reply.kind in (FrameKind.ANSWER, FrameKind.NEXT_TOKEN), reply.json()
+            if reply.kind == FrameKind.ANSWER:
+                st["answer"] = reply.json()["token_ids"]
+                continue
+            nxt = reply.json()
+            wire, st["mask"], st["past"] = client.encode_token(nxt["token_id"], st["mask"], st["past"])
+            st["frame"] = client.frame(FrameKind.DECODE_STEP, wire, st["frame"].request_id, nxt["step"])
+    return [st["answer"] for st in states]
+
+
+def test_micro_batch_answers_equal_one_at_a_time(exported):
+    """Prompts of different lengths share one left-padded batch; at cut 2 the decode steps
+    of different sessions share one pass over their merged KV caches."""
+    _, bundle = exported
+    engine = load_engine(bundle / "server", max_new_tokens=MAX_NEW)
+    client = DeviceClient(bundle)
+    samples = shapes.heldout(2)  # 10 questions, prompts of several lengths
+    assert len({len(client.prompts.encode([s.question])[0][0]) for s in samples}) > 1
+    assert _lockstep(engine, client, samples, batched=True) == _lockstep(engine, client, samples, batched=False)
+    assert not engine.sessions  # every finished generation let go of its cache
+
+
+def test_two_server_agents_one_killed_every_request_answered_once(exported, mosquitto, tmp_path):
+    """Two `edgeqtl server` processes on one shared subscription, four devices asking at
+    once. One server hangs (SIGSTOP) with requests routed to it, then is SIGKILLed. The
+    devices retry (same request id) or, at cut > 0, restart a generation whose server
+    died; every question gets exactly one answer, the one a single server gives."""
+    import signal
+    import threading
+    import time
+
+    _, bundle = exported
+    engine = load_engine(bundle / "server", max_new_tokens=MAX_NEW)
+    client = DeviceClient(bundle)
+    samples = shapes.heldout(4)  # 20 questions, 5 per device
+    cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "--server-half", str(bundle / "server"), "--broker",
+           f"mqtt://127.0.0.1:{mosquitto.port}", "--max-new-tokens", str(MAX_NEW), "--threads", "1"]
+    logs = [tmp_path / f"server{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    answers: dict[int, list[str]] = {i: [] for i in range(len(samples))}
+    restarts, answered, errors = [0], threading.Semaphore(0), []
+    transports = [RequestClient(BrokerConfig(port=mosquitto.port), f"pi-kill-{d}") for d in range(4)]
+
+    def device(d: int):
+        try:
+            for i in range(d, len(samples), 4):
+                a = client.ask(transports[d], samples[i].image, samples[i].question, timeout=2)
+                answers[i].append(a.text)
+                restarts[0] += a.restarts
+                answered.release()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        deadline = time.time() + 90
+        while not all("server agent on" in log.read_text() for log in logs):  # each says so once subscribed
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [x.read_text() for x in logs]
+            time.sleep(0.2)
+        for t in transports:
+            t.start()
+        threads = [threading.Thread(target=device, args=(d,)) for d in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(4):
+            assert answered.acquire(timeout=60)
+        procs[0].send_signal(signal.SIGSTOP)  # hung: the broker still routes work to it
+        time.sleep(1.0)
+        procs[0].kill()
+        for t in threads:
+            t.join(120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        for t in transports:
+            t.stop()
+    assert not errors, errors
+    assert procs[0].returncode == -signal.SIGKILL
+    assert all(len(a) == 1 for a in answers.values()), answers
+    assert sum(t.resends for t in transports) + restarts[0] >= 1  # some work really was lost with the server
+    cfg = BrokerConfig(port=mosquitto.port)
+    with ServerAgent(engine, cfg, group="reference"), RequestClient(cfg, "pi-ref") as t:
+        expected = [client.ask(t, s.image, s.question, timeout=5).text for s in samples]
+    assert [a[0] for a in answers.values()] == expected
+
+
+def test_device_run_answers_jobs_and_rides_out_a_broker_restart(exported, mosquitto, tmp_path):
+    """`edgeqtl device run`'s runner: one answer line per job, bad jobs get an error line,
+    a broker restart between jobs loses nothing; a watched folder is answered and moved."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from edgeqtl.device_agent.runner import DeviceRunner, connect
+
+    _, bundle = exported
+    engine = load_engine(bundle / "server", max_new_tokens=MAX_NEW)
+    samples = shapes.heldout(1)[:3]
+    for i, s in enumerate(samples):
+        Image.fromarray(s.image).save(tmp_path / f"img{i}.png")
+    jobs = [json.dumps({"id": "a", "image": "img0.png", "prompt": samples[0].question}),
+            json.dumps({"id": "b", "image": "missing.png", "prompt": samples[1].question}),
+            "{not json",
+            json.dumps({"id": "c", "image": str(tmp_path / "img2.png"), "prompt": samples[2].question})]
+    cfg = BrokerConfig(port=mosquitto.port)
+    with ServerAgent(engine, cfg):
+        transport = connect(cfg, "pi-run")
+        try:
+            runner = DeviceRunner(DeviceClient(bundle), transport, timeout=3)
+            out = io.StringIO()
+            runner.run_lines(jobs[:1], out, tmp_path)
+            mosquitto.restart()  # both agents reconnect on their own
+            runner.run_lines(jobs[1:], out, tmp_path, name="rest")
+            lines = [json.loads(x) for x in out.getvalue().splitlines()]
+            assert [x["id"] for x in lines] == ["a", "b", "rest-2", "c"]
+            assert "answer" in lines[0] and "answer" in lines[3] and lines[0]["bytes_up"] < lines[0]["bytes_up_fp16"]
+            assert "image not found" in lines[1]["error"] and "line 2" in lines[2]["error"]
+
+            inbox = tmp_path / "inbox"
+            inbox.mkdir()
+            (inbox / "batch1.jsonl").write_text("\n".join([jobs[3], jobs[0].replace("img0", str(tmp_path / "img0"))]))
+            done = list(runner.watch(inbox, once=True))
+            assert [p.name for p in done] == ["batch1.jsonl"] and (inbox / "done" / "batch1.jsonl").is_file()
+            answered = [json.loads(x) for x in (inbox / "answers" / "batch1.jsonl").read_text().splitlines()]
+            assert [x["id"] for x in answered] == ["c", "a"] and all("answer" in x for x in answered)
+            assert [x["answer"] for x in answered] == [lines[3]["answer"], lines[0]["answer"]]
+        finally:
+            transport.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -20,7 +19,6 @@ from edgeqtl.models.split import SplitConfig
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny preset split model saved as `edgeqtl train` saves it (cut 2, 2 bits)."""
-    from edgeqtl import shapes
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitModel
     from edgeqtl.models.training import save_checkpoint, TrainConfig
@@ -105,7 +103,6 @@ def test_export_help_has_example():
 
 
 def test_unsupported_model_is_one_clear_line(tmp_path):
-    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig, Qwen2Config
 
     cfg = LlavaConfig(vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

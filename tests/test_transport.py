@@ -10,16 +10,19 @@ import pytest
 
 from edgeqtl.broker import MosquittoBroker, free_port
 from edgeqtl.transport import (BrokerConfig, BrokerUnavailable, Message, MqttEndpoint, PayloadTooLarge,
-                               RequestClient, Responder, reply_topic, request_topic)
+                               RequestClient, Responder, one_by_one, reply_topic, request_topic)
 from edgeqtl.wire import FrameKind, codes_frame, decode_frame, encode_frame, json_frame, new_request_id
 
 FP = bytes(16)
 
 
-def echo(frame):
+def echo_one(frame):
     """Answers with the sum of the codes: proves the payload arrived intact."""
     return json_frame(FrameKind.ANSWER, {"sum": int(frame.array().sum()), "n": frame.array().size},
                       request_id=frame.request_id, fingerprint=frame.fingerprint)
+
+
+echo = one_by_one(echo_one)
 
 
 def _request(levels=4, shape=(1, 6, 8), seed=0):
@@ -54,12 +57,12 @@ def test_duplicate_request_is_answered_from_cache(mosquitto):
     replies = []
     got = threading.Event()
 
-    def handle(frame):
-        calls.append(frame.request_id)
-        return echo(frame)
+    def handle(frames):
+        calls.extend(f.request_id for f in frames)
+        return echo(frames)
 
-    def on_reply(m: Message):
-        replies.append(decode_frame(m.payload))
+    def on_reply(batch: list[Message]):
+        replies.extend(decode_frame(m.payload) for m in batch)
         if len(replies) == 2:
             got.set()
 
@@ -89,8 +92,8 @@ def test_corrupt_frame_gets_an_error_and_the_next_request_is_answered(mosquitto)
     errors = []
     got = threading.Event()
 
-    def on_reply(m):
-        errors.append(decode_frame(m.payload))
+    def on_reply(batch):
+        errors.extend(decode_frame(m.payload) for m in batch)
         got.set()
 
     _, req = _request()

@@ -1,0 +1,250 @@
+"""Split inference over a real mosquitto: uplink bytes, server throughput, device memory.
+
+    python benchmarks/agents.py                        # tiny preset (untrained), cut 0 and cut 2
+    python benchmarks/agents.py --model runs/bench/2bit-cut0
+
+1. Uplink bytes per question, frames with their headers, against the same frames
+   carrying 16-bit hidden states (the unquantized split), for each cut. At cut > 0 the
+   decode steps' frames count too.
+2. Answers per second with 16 devices asking at once, a server agent (its own process,
+   `edgeqtl server`) with micro-batching (--max-batch 16) against one at a time
+   (--max-batch 1). The devices send precomputed request frames, so the figure is the
+   server's (on a device, the client half runs on the device's own CPU). Cut 0.
+3. Peak RSS of the device agent (ONNX Runtime, no torch) against a PyTorch client doing
+   the same job (client half in PyTorch, same broker and server), each in its own process.
+Needs mosquitto (apt-get install mosquitto).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def export_models(model: Path | None, tmp: Path) -> dict[int, Path]:
+    """{cut: bundle dir}: the given trained model, or the tiny preset at cut 0 and 2."""
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+
+    if model is not None:
+        bundle = tmp / "bundle"
+        export_bundle(ExportOptions(model, bundle, verify=False), progress=None)
+        from edgeqtl.bundle import BundleManifest
+
+        return {BundleManifest.load(bundle).cut: bundle}
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitConfig, SplitModel
+    from edgeqtl.models.training import TrainConfig, save_checkpoint
+
+    out = {}
+    for cut in (0, 2):
+        save_checkpoint(SplitModel(build_tiny(0), SplitConfig(cut=cut, levels=4)), tmp / f"m{cut}", TrainConfig(), 0)
+        export_bundle(ExportOptions(tmp / f"m{cut}", tmp / f"b{cut}", verify=False), progress=None)
+        out[cut] = tmp / f"b{cut}"
+    return out
+
+
+class ServerProcess:
+    """`edgeqtl server` in its own process, ready when it says so."""
+
+    def __init__(self, bundle: Path, port: int, max_batch: int, threads: int, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeqtl.cli", "server", "--server-half", str(bundle / "server"), "--broker",
+             f"mqtt://127.0.0.1:{port}", "--max-batch", str(max_batch), "--threads", str(threads)],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        deadline = time.time() + 120
+        while "server agent on" not in log.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server agent did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.log.read_text()
+
+
+def uplink(bundle: Path, port: int, n: int) -> dict:
+    from edgeqtl import shapes
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    client = DeviceClient(bundle)
+    samples = shapes.heldout(max(1, n // len(shapes.FAMILIES)))
+    up, fp16, trips = [], [], []
+    with RequestClient(BrokerConfig(port=port), "bench-uplink") as t:
+        for s in samples:
+            a = client.ask(t, s.image, s.question)
+            up.append(a.bytes_up)
+            fp16.append(a.bytes_up_fp16)
+            trips.append(a.round_trips)
+    return {"n": len(samples), "bytes_up": statistics.mean(up), "bytes_fp16": statistics.mean(fp16),
+            "round_trips": statistics.mean(trips), "levels": client.manifest.levels,
+            "code_dim": client.manifest.code_dim, "hidden": client.manifest.hidden_size}
+
+
+def throughput(bundle: Path, port: int, devices: int, per_device: int) -> float:
+    """Answers per second with `devices` threads, each asking `per_device` questions in turn."""
+    from edgeqtl import shapes
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.transport import BrokerConfig, RequestClient
+    from edgeqtl.wire import FrameKind, new_request_id
+
+    client = DeviceClient(bundle)
+    samples = shapes.heldout(max(1, devices * per_device // len(shapes.FAMILIES) + 1))
+    wires = [client.encode(s.image, s.question)[0] for s in samples[: devices * per_device]]
+    transports = [RequestClient(BrokerConfig(port=port), f"bench-dev-{d}").start() for d in range(devices)]
+    barrier = threading.Barrier(devices + 1)
+    failures = []
+
+    def device(d: int):
+        barrier.wait()
+        try:
+            for i in range(d, len(wires), devices):
+                frame = client.frame(FrameKind.INFER_REQUEST, wires[i], new_request_id(), 0)
+                reply = transports[d].request(frame, timeout=30)
+                if reply.kind != FrameKind.ANSWER:
+                    failures.append(reply.json())
+        except Exception as e:  # noqa: BLE001 - reported after the run
+            failures.append(repr(e))
+
+    try:
+        for d in range(devices):  # warm-up: one question each, not timed
+            transports[d].request(client.frame(FrameKind.INFER_REQUEST, wires[d], new_request_id(), 0), timeout=30)
+        threads = [threading.Thread(target=device, args=(d,)) for d in range(devices)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    finally:
+        for t in transports:
+            t.stop()
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {failures[:3]}")
+    return len(wires) / elapsed
+
+
+def rss_worker(kind: str, bundle: Path, model: Path | None, port: int, n: int) -> dict:
+    """One process: the device agent (kind 'onnx') or a PyTorch client ('torch') answers n questions."""
+    from edgeqtl import shapes
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    samples = shapes.heldout(max(1, n // len(shapes.FAMILIES)))
+    with RequestClient(BrokerConfig(port=port), f"bench-rss-{kind}") as t:
+        if kind == "onnx":
+            from edgeqtl.device_agent.client import DeviceClient
+
+            client = DeviceClient(bundle, threads=2)
+            answers = [client.ask(t, s.image, s.question).text for s in samples]
+        else:
+            import torch
+
+            from edgeqtl.bundle import BundleManifest
+            from edgeqtl.imageproc import preprocess
+            from edgeqtl.models.load import load_split_model
+            from edgeqtl.prompt import PromptEncoder
+            from edgeqtl.wire import FrameKind, codes_frame, new_request_id
+
+            torch.set_num_threads(2)
+            m = BundleManifest.load(bundle)
+            prompts = PromptEncoder.from_bundle(bundle, m.text)
+            client = load_split_model(model).client.eval()
+            answers = []
+            for s in samples:
+                ids, mask = prompts.encode([s.question])
+                with torch.inference_mode():
+                    codes = client(torch.from_numpy(ids), torch.from_numpy(mask),
+                                   torch.from_numpy(preprocess(s.image, m.image))).wire.numpy()
+                frame = codes_frame(FrameKind.INFER_REQUEST, codes, m.levels, request_id=new_request_id(),
+                                    fingerprint=m.fingerprint_bytes)
+                answers.append(t.request(frame).json()["text"])
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_imported": "torch" in sys.modules, "answers": answers}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="a trained split model dir (default: tiny preset)")
+    ap.add_argument("--questions", type=int, default=100, help="questions for the uplink figures")
+    ap.add_argument("--devices", type=int, default=16)
+    ap.add_argument("--per-device", type=int, default=8)
+    ap.add_argument("--server-threads", type=int, default=2)
+    ap.add_argument("--worker", choices=["onnx", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(rss_worker(args.worker, args.bundle, args.model, args.port, 20)))
+        return 0
+
+    from edgeqtl.broker import MosquittoBroker
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgeqtl-agents-"))
+    bundles = export_models(args.model, tmp)
+    with MosquittoBroker() as broker:
+        print("1. uplink per question, frames with headers (MQTT's own ~60 B per message is the same for both)")
+        print(f"{'cut':>4}{'questions':>10}{'round trips':>12}{'codes B':>10}{'16-bit B':>10}{'saved':>8}")
+        for cut, bundle in bundles.items():
+            srv = ServerProcess(bundle, broker.port, 16, args.server_threads, tmp / f"srv-up-{cut}.log")
+            try:
+                u = uplink(bundle, broker.port, args.questions)
+            finally:
+                srv.stop()
+            print(f"{cut:>4}{u['n']:>10}{u['round_trips']:>12.2f}{u['bytes_up']:>10.0f}{u['bytes_fp16']:>10.0f}"
+                  f"{100 * (1 - u['bytes_up'] / u['bytes_fp16']):>7.1f}%")
+
+        cut0 = bundles.get(0) or next(iter(bundles.values()))
+        rates = {}
+        for max_batch in (1, 16):
+            srv = ServerProcess(cut0, broker.port, max_batch, args.server_threads, tmp / f"srv-{max_batch}.log")
+            try:
+                rates[max_batch] = throughput(cut0, broker.port, args.devices, args.per_device)
+            finally:
+                log = srv.stop()
+            stats = [ln for ln in log.splitlines() if ln.startswith("stopped:")]
+            rates[f"stats{max_batch}"] = json.loads(stats[-1][len("stopped: "):]) if stats else {}
+        print(f"\n2. server throughput, {args.devices} devices asking at once, {args.devices * args.per_device} "
+              f"questions, server with {args.server_threads} threads, cut {0 if 0 in bundles else '?'}")
+        print(f"{'server':<26}{'answers/s':>10}{'batches':>9}{'speedup':>9}")
+        for mb, name in ((1, "one at a time (batch 1)"), (16, "micro-batched (batch <=16)")):
+            st = rates[f"stats{mb}"]
+            print(f"{name:<26}{rates[mb]:>10.1f}{st.get('batches', 0):>9}{rates[mb] / rates[1]:>8.2f}x")
+
+        srv = ServerProcess(cut0, broker.port, 16, args.server_threads, tmp / "srv-rss.log")
+        model = args.model
+        if model is None:
+            model = tmp / "m0"
+        try:
+            res = {}
+            for kind in ("onnx", "torch"):
+                out = subprocess.run([sys.executable, __file__, "--worker", kind, "--bundle", str(cut0), "--model",
+                                      str(model), "--port", str(broker.port)], check=True, capture_output=True,
+                                     text=True)
+                res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            srv.stop()
+        same = sum(a == b for a, b in zip(res["onnx"]["answers"], res["torch"]["answers"]))
+        print(f"\n3. peak RSS answering {len(res['onnx']['answers'])} questions over the broker (cut 0, 2 threads)")
+        print(f"{'client':<30}{'peak RSS MB':>12}{'torch loaded':>14}")
+        print(f"{'device agent (ONNX Runtime)':<30}{res['onnx']['peak_rss_mb']:>12.0f}{str(res['onnx']['torch_imported']):>14}")
+        print(f"{'PyTorch client half':<30}{res['torch']['peak_rss_mb']:>12.0f}{str(res['torch']['torch_imported']):>14}")
+        print(f"ratio {res['torch']['peak_rss_mb'] / res['onnx']['peak_rss_mb']:.1f}x; same answers on "
+              f"{same}/{len(res['onnx']['answers'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
