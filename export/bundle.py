@@ -122,9 +122,25 @@ def _graph_spec(path: Path, role: str, variant: str, inputs, outputs) -> GraphSp
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
+    """int8 weights (per output channel) for every MatMul but the quantizer's in_proj, whose
+    outputs are rounded straight to codes. Measured on the untrained tiny preset at cut 2
+    (2-bit range 1.49 sigma): per-tensor int8 kept 96.8% of the codes, and 97.0% with the
+    in_proj in fp32; per-channel with the in_proj in fp32 keeps 97.5% (the check needs 97%)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=[_final_projection(onnx.load(str(src), load_external_data=False))])
+
+
+def _final_projection(model) -> str:
+    """The last MatMul with a weight initializer: the quantizer's in_proj (nodes are in
+    topological order, and nothing but normalisation and rounding follows it)."""
+    weights = {t.name for t in model.graph.initializer}
+    names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+    if not names:
+        raise ValueError("the client graph has no MatMul with weights; nothing to quantize")
+    return names[-1]
 
 
 def convert_fp16(src: Path, dst: Path) -> None:

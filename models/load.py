@@ -5,6 +5,7 @@ refused rather than `torch.load`ed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def load_split_model(directory: str | Path, split: SplitConfig | None = None) ->
         if saved is None:
             raise CheckpointError(f"{directory} is a plain Llava checkpoint; say where to cut (--cut) and the levels")
         split = saved
+    elif saved is not None and _same_quantizer(saved, dataclasses.replace(split, code_dim=split.code_dim
+                                                                          or saved.code_dim)):
+        split = dataclasses.replace(split, clip_sigmas=saved.clip_sigmas)  # the trained quantizer's own range
     model = SplitModel(llava, split)
     q_path = directory / QUANTIZER_FILE
     if saved is not None and q_path.is_file() and _same_quantizer(saved, model.split):

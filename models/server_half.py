@@ -105,7 +105,7 @@ def load_server_half(directory, dtype: torch.dtype = torch.float32) -> ServerBun
     if split.cut == 0:
         from .quantizer import QuantizerEncoder
 
-        enc = QuantizerEncoder(cfg.hidden_size, split.code_dim, split.levels) if split.quantizer == "fsq" else None
+        enc = QuantizerEncoder(cfg.hidden_size, split.code_dim, split.levels, split.clip_sigmas) if split.quantizer == "fsq" else None
         token_encoder = TokenEncoder(nn.Embedding(cfg.vocab_size, cfg.hidden_size), enc).to(dtype)
         te = {k[len("token_encoder."):]: state.pop(k) for k in list(state) if k.startswith("token_encoder.")}
         token_encoder.load_state_dict(te)

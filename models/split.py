@@ -41,12 +41,19 @@ class SplitConfig:
     quantizer: str = "fsq"
     levels: int = 4
     code_dim: int | None = None  # None: the LLM's hidden size
+    clip_sigmas: float | None = None  # normalisation range; None: the default for `levels` (quantizer.py)
 
     def __post_init__(self):
         if self.quantizer not in WIRE_MODES:
             raise ValueError(f"quantizer must be one of {WIRE_MODES}, got {self.quantizer!r}")
         if self.quantizer == "fsq" and not 2 <= self.levels <= 256:
             raise ValueError(f"levels must be in [2, 256], got {self.levels}")
+        if self.clip_sigmas is None and self.quantizer == "fsq":
+            from .quantizer import default_clip_sigmas
+
+            self.clip_sigmas = default_clip_sigmas(self.levels)
+        if self.clip_sigmas is not None and not 0 < self.clip_sigmas <= 10:
+            raise ValueError(f"clip_sigmas must be in (0, 10], got {self.clip_sigmas}")
 
     @property
     def bits_per_symbol(self) -> float:
@@ -60,6 +67,11 @@ class SplitConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SplitConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if d.get("quantizer", "fsq") == "fsq":
+            from .quantizer import CLIP_SIGMAS
+
+            d.setdefault("clip_sigmas", CLIP_SIGMAS)  # saved before the field existed: 3 sigma
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -262,7 +274,7 @@ class SplitModel:
         self.num_layers = n_layers
         enc = dec = None
         if split.quantizer == "fsq":
-            enc = QuantizerEncoder(hidden, split.code_dim, split.levels)
+            enc = QuantizerEncoder(hidden, split.code_dim, split.levels, split.clip_sigmas)
             dec = QuantizerDecoder(split.code_dim, hidden, split.levels)
         self.client = ClientHalf(self.parts, split, enc)
         self.server = ServerHalf(self.parts, split, dec)

@@ -108,3 +108,34 @@ def test_clear_error_for_cut_out_of_range(llava_checkpoint):
     _, directory = llava_checkpoint
     with pytest.raises(ValueError, match=r"cut must be in \[0, 2\]"):
         load_split_model(directory, SplitConfig(cut=3))
+
+
+def test_clip_range_matches_the_levels_and_old_checkpoints_keep_theirs(tmp_path):
+    """At 4 levels DESIGN.md's 3-sigma range leaves the outer levels nearly unused (only
+    values beyond 2 sigma reach them); the default range uses all four."""
+    import json
+
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.quantizer import CLIP_SIGMAS, QuantizerEncoder, default_clip_sigmas
+    from edgeqtl.models.split import SPLIT_CONFIG_FILE, save_split_model
+
+    assert default_clip_sigmas(2) == CLIP_SIGMAS and default_clip_sigmas(4) == pytest.approx(1.49)
+    assert default_clip_sigmas(256) == CLIP_SIGMAS
+    h = torch.randn(64, 10, 32)
+    outer = {}
+    for clip in (CLIP_SIGMAS, None):
+        torch.manual_seed(0)
+        codes, _ = QuantizerEncoder(32, 32, 4, clip)(h)
+        outer[clip] = float(((codes == 0) | (codes == 3)).float().mean())
+    assert outer[CLIP_SIGMAS] < 0.08 and outer[None] > 0.2, outer
+
+    model = SplitModel(build_tiny(1), SplitConfig(cut=0, levels=4))
+    assert model.split.clip_sigmas == pytest.approx(1.49)
+    save_split_model(model, tmp_path)
+    meta = json.loads((tmp_path / SPLIT_CONFIG_FILE).read_text())
+    del meta["split"]["clip_sigmas"]  # as written before the field existed
+    (tmp_path / SPLIT_CONFIG_FILE).write_text(json.dumps(meta))
+    old = load_split_model(tmp_path)
+    assert old.split.clip_sigmas == CLIP_SIGMAS and old.client.encoder.clip_sigmas == CLIP_SIGMAS
+    # an explicit split with the same quantizer keeps the trained range
+    assert load_split_model(tmp_path, SplitConfig(cut=0, levels=4)).split.clip_sigmas == CLIP_SIGMAS
