@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from memory import peak_rss_mb
 
 
 def export_models(model: Path | None, tmp: Path) -> dict[int, Path]:
@@ -171,7 +172,7 @@ def rss_worker(kind: str, bundle: Path, model: Path | None, port: int, n: int) -
                 frame = codes_frame(FrameKind.INFER_REQUEST, codes, m.levels, request_id=new_request_id(),
                                     fingerprint=m.fingerprint_bytes)
                 answers.append(t.request(frame).json()["text"])
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": peak_rss_mb(),
             "torch_imported": "torch" in sys.modules, "answers": answers}
 
 

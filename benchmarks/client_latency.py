@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from memory import peak_rss_mb
 
 
 def _inputs(manifest_dir: Path, batch: int):
@@ -53,9 +54,12 @@ def worker(kind: str, bundle: Path, model_dir: Path, threads: int, runs: int, ba
             with torch.inference_mode():
                 client(t_ids, t_mask, t_pix)
     else:
-        from edgeqtl.export.verify import session
+        import onnxruntime as ort  # directly, as the device agent does: no torch in this process
 
-        sess = session(bundle / m.graph("prefill", kind).file, threads)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(bundle / m.graph("prefill", kind).file), so,
+                                    providers=["CPUExecutionProvider"])
         feeds = {"pixel_values": pix, "input_ids": ids, "attention_mask": mask}
 
         def step():
@@ -68,7 +72,7 @@ def worker(kind: str, bundle: Path, model_dir: Path, threads: int, runs: int, ba
         step()
         times.append(time.perf_counter() - t0)
     return {"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb(), "torch": "torch" in sys.modules}
 
 
 def main(argv=None) -> int:
@@ -109,11 +113,11 @@ def main(argv=None) -> int:
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["torch"]["median_ms"]
     print(f"client half, prefill, batch {args.batch}, {args.threads} threads, {args.runs} runs, model {model_dir}")
-    print(f"{'runtime':<16}{'median ms':>10}{'p90 ms':>9}{'speedup':>9}{'peak RSS MB':>13}")
+    print(f"{'runtime':<16}{'median ms':>10}{'p90 ms':>9}{'speedup':>9}{'peak RSS MB':>13}{'torch loaded':>14}")
     names = {"torch": "PyTorch eager", "fp32": "ORT fp32", "int8": "ORT int8"}
     for k, r in results.items():
         print(f"{names[k]:<16}{r['median_ms']:>10.2f}{r['p90_ms']:>9.2f}{base / r['median_ms']:>8.2f}x"
-              f"{r['peak_rss_mb']:>13.0f}")
+              f"{r['peak_rss_mb']:>13.0f}{str(r['torch']):>14}")
     return 0
 
 
