@@ -76,22 +76,25 @@ class ServerProcess:
 
 
 def uplink(bundle: Path, port: int, n: int) -> dict:
+    """Bytes per question with entropy-coded codes (the default when the bundle has an
+    entropy model), with plainly packed codes, and as 16-bit hidden states."""
     from edgeqtl import shapes
     from edgeqtl.device_agent.client import DeviceClient
     from edgeqtl.transport import BrokerConfig, RequestClient
 
-    client = DeviceClient(bundle)
+    coded, plain = DeviceClient(bundle), DeviceClient(bundle, entropy=False)
     samples = shapes.heldout(max(1, n // len(shapes.FAMILIES)))
-    up, fp16, trips = [], [], []
+    rows = []
     with RequestClient(BrokerConfig(port=port), "bench-uplink") as t:
         for s in samples:
-            a = client.ask(t, s.image, s.question)
-            up.append(a.bytes_up)
-            fp16.append(a.bytes_up_fp16)
-            trips.append(a.round_trips)
-    return {"n": len(samples), "bytes_up": statistics.mean(up), "bytes_fp16": statistics.mean(fp16),
-            "round_trips": statistics.mean(trips), "levels": client.manifest.levels,
-            "code_dim": client.manifest.code_dim, "hidden": client.manifest.hidden_size}
+            a, b = coded.ask(t, s.image, s.question), plain.ask(t, s.image, s.question)
+            rows.append((a.bytes_up, b.bytes_up, a.bytes_up_fp16, a.round_trips, a.text == b.text))
+    m = coded.manifest
+    return {"n": len(samples), "coded": statistics.mean(r[0] for r in rows),
+            "packed": statistics.mean(r[1] for r in rows), "fp16": statistics.mean(r[2] for r in rows),
+            "round_trips": statistics.mean(r[3] for r in rows), "same_answers": sum(r[4] for r in rows),
+            "model_bits": coded.entropy.bits_per_code() if coded.entropy is not None else float("nan"),
+            "levels": m.levels, "code_dim": m.code_dim, "hidden": m.hidden_size}
 
 
 def throughput(bundle: Path, port: int, devices: int, per_device: int) -> float:
@@ -196,16 +199,19 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgeqtl-agents-"))
     bundles = export_models(args.model, tmp)
     with MosquittoBroker() as broker:
-        print("1. uplink per question, frames with headers (MQTT's own ~60 B per message is the same for both)")
-        print(f"{'cut':>4}{'questions':>10}{'round trips':>12}{'codes B':>10}{'16-bit B':>10}{'saved':>8}")
+        print("1. uplink bytes per question, frames with their headers (MQTT's own ~60 B a message is the same "
+              "for all)")
+        print(f"{'cut':>4}{'questions':>10}{'trips':>7}{'16-bit':>8}{'packed':>8}{'saved':>7}{'entropy':>9}"
+              f"{'saved':>7}{'model bits/code':>17}{'same answers':>14}")
         for cut, bundle in bundles.items():
             srv = ServerProcess(bundle, broker.port, 16, args.server_threads, tmp / f"srv-up-{cut}.log")
             try:
                 u = uplink(bundle, broker.port, args.questions)
             finally:
                 srv.stop()
-            print(f"{cut:>4}{u['n']:>10}{u['round_trips']:>12.2f}{u['bytes_up']:>10.0f}{u['bytes_fp16']:>10.0f}"
-                  f"{100 * (1 - u['bytes_up'] / u['bytes_fp16']):>7.1f}%")
+            print(f"{cut:>4}{u['n']:>10}{u['round_trips']:>7.2f}{u['fp16']:>8.0f}{u['packed']:>8.0f}"
+                  f"{100 * (1 - u['packed'] / u['fp16']):>6.1f}%{u['coded']:>9.0f}{100 * (1 - u['coded'] / u['fp16']):>6.1f}%"
+                  f"{u['model_bits']:>17.2f}{u['same_answers']:>10}/{u['n']}")
 
         cut0 = bundles.get(0) or next(iter(bundles.values()))
         rates = {}

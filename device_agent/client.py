@@ -10,6 +10,7 @@ Pillow, tokenizers and paho-mqtt only.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -71,7 +72,9 @@ def _session(path: Path, target: str, threads: int | None):
 
 
 class DeviceClient:
-    def __init__(self, bundle_dir: str | Path, variant: str | None = None, threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, variant: str | None = None, threads: int | None = None,
+                 entropy: bool = True):
+        """entropy=False: send plainly packed codes even when the bundle has an entropy model."""
         self.dir = Path(bundle_dir)
         self.manifest = m = BundleManifest.load(self.dir)
         self.variant = variant or m.graph("prefill").variant  # fp32 first where there is one
@@ -79,6 +82,11 @@ class DeviceClient:
             if not (self.dir / g.file).is_file():
                 raise BundleError(f"bundle {self.dir} is missing {g.file}; copy the whole bundle directory")
         self.prompts = PromptEncoder.from_bundle(self.dir, m.text)
+        self.entropy = m.entropy_model if entropy else None
+        if self.entropy is not None and importlib.util.find_spec("constriction") is None:
+            log.warning("the bundle has an entropy model but constriction is not installed; sending plain "
+                        "packed codes (pip install constriction)")
+            self.entropy = None
         self.prefill = _session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
         self.decode = _session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
 
@@ -103,7 +111,7 @@ class DeviceClient:
         m = self.manifest
         fields = dict(request_id=request_id, fingerprint=m.fingerprint_bytes, step=step)
         if m.quantizer == "fsq":
-            return codes_frame(kind, wire, m.levels, **fields)
+            return codes_frame(kind, wire, m.levels, entropy=self.entropy, **fields)
         return array_frame(kind, wire.astype(np.float16), **fields)
 
     # ---------------------------------------------------------------- one question

@@ -65,11 +65,28 @@ class BundleManifest:
     target: str
     format_version: int = FORMAT_VERSION
     server_dir: str = "server"
+    # Per-dimension code counts (code_dim x levels) for entropy coding; None: plain packing.
+    entropy: list | None = None
 
     @property
     def fingerprint_bytes(self) -> bytes:
         """The 16 bytes that travel in every frame header."""
         return bytes.fromhex(self.fingerprint)[:16]
+
+    @property
+    def entropy_model(self):
+        """The bundle's EntropyModel, or None (fp16 wire, or exported without one)."""
+        from .codec import CodecError, EntropyModel
+
+        if self.entropy is None:
+            return None
+        try:
+            model = EntropyModel.from_list(self.entropy)
+        except CodecError as e:
+            raise BundleError(f"manifest's entropy model is malformed ({e}); re-export the bundle") from None
+        if (model.code_dim, model.levels) != (self.code_dim, self.levels):
+            raise BundleError("manifest's entropy model does not match its code_dim and levels; re-export the bundle")
+        return model
 
     def graph(self, role: str, variant: str | None = None) -> GraphSpec:
         options = [g for g in self.graphs if g.role == role and (variant is None or g.variant == variant)]

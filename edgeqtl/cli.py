@@ -294,9 +294,28 @@ def _transport_errors(fn):
     return wrapper
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _split_train_options(fn):
+    """What the server and the devices of one split-training run must agree on."""
+    fn = click.option("--steps", type=int, default=1000, show_default=True, help="Training steps per device.")(fn)
+    fn = click.option("--batch-size", type=int, default=32, show_default=True)(fn)
+    fn = click.option("--lr", type=float, default=3e-3, show_default=True)(fn)
+    fn = click.option("--checkpoint-every", type=int, default=100, show_default=True,
+                      help="Checkpoint every N steps (the server: N steps of all devices together).")(fn)
+    fn = click.option("--fedavg-every", type=int, default=0, show_default=True,
+                      help="Average the devices' trainable weights through the server every R steps (0: off).")(fn)
+    fn = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Checkpoints (and the server's write-ahead log): restart with the same directory to resume.")(fn)
+    fn = click.option("--threads", type=int, default=None)(fn)
+    return fn
+
+
 @main.command()
-@click.option("--server-half", type=click.Path(path_type=Path), required=True,
-              help="The server/ directory of an exported bundle.")
+@click.option("--server-half", type=click.Path(path_type=Path), default=None,
+              help="The server/ directory of an exported bundle (inference).")
 @_broker_options
 @click.option("--group", default="edgeqtl-servers", show_default=True,
               help="Shared-subscription group: agents in one group split the requests.")
@@ -305,37 +324,86 @@ def _transport_errors(fn):
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Requests waiting together are answered in one batch of at most this many (1: one at a time).")
-@click.option("--threads", type=int, default=None)
+@click.option("--train", is_flag=True, help="Split training instead of inference: train the trunk of --model.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="With --train: the split model both sides start from.")
+@click.option("--devices", "num_devices", type=int, default=1, show_default=True,
+              help="With --train: how many devices train (the federated average waits for all of them).")
+@click.option("--grad-codec", type=click.Choice(["fp16", "int8", "int4"]), default="int8", show_default=True,
+              help="With --train: how gradients go back (int4: unbiased stochastic rounding).")
+@_split_train_options
 @user_errors
 @_transport_errors
 def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shared, torch_device, max_new_tokens,
-           max_batch, threads):
-    """Run a server agent: answers devices' requests with the server half.
+           max_batch, train, model_dir, num_devices, grad_codec, steps, batch_size, lr, checkpoint_every,
+           fedavg_every, state_dir, threads):
+    """Run a server agent: answers devices' requests with the server half, or, with
+    --train, trains the trunk of a split model for devices that keep their data.
 
     \b
-    Example:
+    Examples:
       edgeqtl server --server-half bundles/pi/server --broker mqtt://broker.lan:1883
+      edgeqtl server --train --model runs/tiny-2bit --devices 2 --state-dir runs/srv --broker mqtt://broker.lan
     """
-    import time
+    import signal
 
     import torch
 
-    from edgeqtl.server_agent.agent import ServerAgent, describe, load_engine
-
     if threads:
         torch.set_num_threads(threads)
-    engine = load_engine(server_half, max_new_tokens=max_new_tokens, device=torch_device)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C: state saved, connection closed
     cfg = _broker_config(broker_url, ca_file, cert_file, key_file)
+    if train:
+        if model_dir is None:
+            raise UserError("--train needs --model, the split model both sides start from")
+        from edgeqtl.models.load import load_split_model
+        from edgeqtl.models.split import fingerprint
+        from edgeqtl.models.split_training import ServerTrainer, SplitTrainConfig
+        from edgeqtl.transport import Responder
+
+        model = load_split_model(model_dir)
+        tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                                fedavg_every=fedavg_every, grad_codec=grad_codec)
+        trainer = ServerTrainer(model, tcfg, state_dir, num_devices, bytes.fromhex(fingerprint(model))[:16])
+        agent = Responder(cfg, trainer.handle_batch, group=None if no_shared else group).start()
+        click.echo(f"training server on {cfg.describe()}: {num_devices} device(s), {grad_codec} gradients, "
+                   f"resuming at {trainer.server_steps} steps (Ctrl-C to stop)", err=True)
+
+        def stop_training():
+            agent.stop()
+            if state_dir is not None:
+                trainer.save()
+            click.echo(f"stopped after {trainer.server_steps} steps: " +
+                       json.dumps({k: len(v) for k, v in trainer.applied.items()}), err=True)
+
+        _serve_until_interrupted(stop_training)
+        return
+    if server_half is None:
+        raise UserError("give --server-half (inference) or --train --model (split training)")
+    from edgeqtl.server_agent.agent import ServerAgent, describe, load_engine
+
+    engine = load_engine(server_half, max_new_tokens=max_new_tokens, device=torch_device)
     agent = ServerAgent(engine, cfg, group=None if no_shared else group, max_batch=max_batch).start()
     click.echo(f"server agent on {cfg.describe()}: {describe(engine)} (Ctrl-C to stop)", err=True)
+
+    def stop_serving():
+        agent.stop()
+        click.echo(f"stopped: {json.dumps(agent.stats())}", err=True)
+
+    _serve_until_interrupted(stop_serving)
+
+
+def _serve_until_interrupted(stop) -> None:
+    """Block until Ctrl-C or SIGTERM, then `stop()`."""
+    import time
+
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        agent.stop()
-        click.echo(f"stopped: {json.dumps(agent.stats())}", err=True)
+        stop()
 
 
 @main.group()
@@ -430,6 +498,84 @@ def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, devi
         pass
     finally:
         transport.stop()
+
+
+@device.command(name="train")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="The split model both sides start from (the server gets the same with --model).")
+@_broker_options
+@click.option("--device-id", default=None, help="This device's id (default: host name).")
+@click.option("--index", "device_index", type=int, default=0, show_default=True,
+              help="This device's shard number, 0 <= index < --devices.")
+@click.option("--devices", "num_devices", type=int, default=1, show_default=True)
+@click.option("--shard", default="iid", show_default=True,
+              help="'iid', or 'dirichlet:ALPHA' for a non-IID family mix (smaller alpha: more skewed).")
+@click.option("--trainable", default="projector,encoder", show_default=True,
+              help="Client parts that train, from: projector, encoder, vision_tower, layers, embed_tokens.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per try of a step.")
+@_split_train_options
+@user_errors
+@_transport_errors
+def device_train(model_dir, broker_url, ca_file, cert_file, key_file, device_id, device_index, num_devices, shard,
+                 trainable, timeout, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
+    """Split training on this device: its images never leave it; codes go up, compressed
+    gradients come back. Needs torch (autograd); inference on the device does not.
+
+    \b
+    Example (two devices, non-IID, against `edgeqtl server --train ... --devices 2`):
+      edgeqtl device train --model runs/tiny-2bit --index 0 --devices 2 --shard dirichlet:0.5 \\
+          --broker mqtt://broker.lan --state-dir runs/dev0
+    """
+    import socket as _socket
+
+    import torch
+    from tqdm import tqdm
+
+    from edgeqtl import shapes
+    from edgeqtl.device_agent.runner import connect
+    from edgeqtl.models.load import load_split_model
+    from edgeqtl.models.split import fingerprint
+    from edgeqtl.models.split_training import DeviceTrainer, SplitTrainConfig, run_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not 0 <= device_index < num_devices:
+        raise UserError(f"--index must be in [0, {num_devices - 1}]")
+    if shard == "iid":
+        alpha = None
+    elif shard.startswith("dirichlet:"):
+        alpha = float(shard.split(":", 1)[1])
+    else:
+        raise UserError(f"--shard is 'iid' or 'dirichlet:ALPHA', got {shard!r}")
+    model = load_split_model(model_dir)
+    dev_id = device_id or _socket.gethostname().split(".")[0]
+    tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                            fedavg_every=fedavg_every, trainable=tuple(t.strip() for t in trainable.split(",")))
+    trainer = DeviceTrainer(model, shapes.build_tokenizer(), tcfg, dev_id, device_index, num_devices, alpha,
+                            state_dir, bytes.fromhex(fingerprint(model))[:16])
+    transport = connect(_broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    bar = tqdm(total=steps, initial=trainer.step, desc=f"split train {dev_id}", dynamic_ncols=True)
+
+    class Link:
+        def request(self, frame):
+            return transport.request(frame, timeout=timeout, retries=1000)  # waits out a server restart
+
+    def on_step(t, info):
+        bar.update(1)
+        n = max(1, t.step)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", acc=f"{100 * info['token_accuracy']:.0f}%",
+                        up=f"{t.bytes_up / n / 1024:.1f}K", down=f"{t.bytes_down / n / 1024:.1f}K")
+
+    try:
+        run_device(trainer, Link(), on_step)
+    finally:
+        bar.close()
+        transport.stop()
+    n = max(1, trainer.step)
+    click.echo(f"trained {trainer.step} steps; per step up {trainer.bytes_up / n:,.0f} B (16-bit "
+               f"{trainer.fp16_up / n:,.0f} B, {100 * (1 - trainer.bytes_up / max(1, trainer.fp16_up)):.1f}% saved), "
+               f"down {trainer.bytes_down / n:,.0f} B (16-bit {trainer.fp16_down / n:,.0f} B, "
+               f"{100 * (1 - trainer.bytes_down / max(1, trainer.fp16_down)):.1f}% saved)")
 
 
 @main.command()

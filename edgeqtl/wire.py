@@ -35,7 +35,8 @@ import zlib
 
 import numpy as np
 
-from .codec import CodecError, pack_codes, packed_nbytes, unpack_codes
+from .codec import (CodecError, EntropyModel, decode_codes_entropy, decode_gradient, encode_codes_entropy,
+                    encode_gradient, gradient_nbytes, pack_codes, packed_nbytes, unpack_codes)
 
 MAGIC = b"EQTL"
 VERSION = 1
@@ -57,8 +58,11 @@ class FrameKind(enum.IntEnum):
     DECODE_STEP = 3  # device -> server: codes of one new token (cut > 0)
     NEXT_TOKEN = 4  # server -> device: JSON {token_id, done}
     ERROR = 5  # either way: JSON {code, message}
-    TRAIN_REQUEST = 16  # device -> server: codes + answer ids + mask (training issue)
-    GRADIENT = 17  # server -> device: compressed gradient (training issue)
+    TRAIN_REQUEST = 16  # device -> server, TENSORS: codes, answer labels, attention mask, JSON {ckpt_step}
+    GRADIENT = 17  # server -> device, TENSORS: gradient w.r.t. the dequantised codes, JSON {loss, ...}
+    FEDAVG_SUBMIT = 18  # device -> server, TENSORS: the device's trainable weights, flat float32; step = round
+    FEDAVG_FETCH = 19  # device -> server, JSON {}: the round's average, or ERROR not_ready; step = round
+    FEDAVG_RESULT = 20  # server -> device, TENSORS: the averaged weights, flat float32
 
 
 class Codec(enum.IntEnum):
@@ -67,10 +71,33 @@ class Codec(enum.IntEnum):
     FLOAT32 = 3  # raw little-endian float32
     INT32 = 4  # raw little-endian int32 (token ids, masks)
     JSON = 5  # UTF-8 JSON text, ndim 0
+    CODES_RANS = 6  # integer codes entropy-coded with the bundle's EntropyModel (edgeqtl.codec), `levels` set
+    GRAD_INT8 = 7  # float gradient, int8 per row with a float32 scale per row (edgeqtl.codec)
+    GRAD_INT4 = 8  # float gradient, 4-bit stochastic rounding per row, unbiased (edgeqtl.codec)
+    TENSORS = 9  # several parts (each its own codec, shape, levels) in one frame; ndim 0
 
 
 _ITEMSIZE = {Codec.FLOAT16: 2, Codec.FLOAT32: 4, Codec.INT32: 4}
 _DTYPE = {Codec.FLOAT16: "<f2", Codec.FLOAT32: "<f4", Codec.INT32: "<i4"}
+_GRAD = {Codec.FLOAT16: "fp16", Codec.GRAD_INT8: "int8", Codec.GRAD_INT4: "int4"}
+MAX_PARTS = 8
+_PART = struct.Struct("<BBH")  # codec, ndim, levels; then dims, payload length, payload
+
+
+@dataclasses.dataclass
+class Part:
+    """One tensor of a TENSORS frame: a payload with its own codec, shape and levels."""
+
+    codec: Codec
+    payload: bytes
+    shape: tuple[int, ...] = ()
+    levels: int = 0
+
+    def array(self, entropy: EntropyModel | None = None) -> np.ndarray:
+        return _payload_array(self.codec, self.payload, self.shape, self.levels, entropy)
+
+    def json(self) -> dict:
+        return _payload_json(self.codec, self.payload)
 
 
 @dataclasses.dataclass
@@ -87,33 +114,63 @@ class Frame:
     step: int = 0
 
     # ---------------------------------------------------------------- payload views
-    def array(self) -> np.ndarray:
-        """The payload as an array of `shape` (codes unpacked to uint8)."""
-        if self.codec == Codec.CODES:
-            return unpack_codes(self.payload, self.levels, self.shape)
-        if self.codec in _DTYPE:
-            return np.frombuffer(self.payload, dtype=_DTYPE[self.codec]).reshape(self.shape)
-        raise ProtocolError(f"a {self.codec.name} payload is not an array")
+    def array(self, entropy: EntropyModel | None = None) -> np.ndarray:
+        """The payload as an array of `shape` (codes unpacked to uint8, gradients to
+        float32). Entropy-coded codes need the bundle's `entropy` model."""
+        return _payload_array(self.codec, self.payload, self.shape, self.levels, entropy)
 
     def json(self) -> dict:
-        if self.codec != Codec.JSON:
-            raise ProtocolError(f"a {self.codec.name} payload is not JSON")
-        try:
-            obj = json.loads(self.payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"JSON payload does not parse: {e}") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError("JSON payload must be an object")
-        return obj
+        return _payload_json(self.codec, self.payload)
+
+    def parts(self) -> list[Part]:
+        """The tensors of a TENSORS frame, in order."""
+        if self.codec != Codec.TENSORS:
+            raise ProtocolError(f"a {self.codec.name} payload has no parts")
+        return _parse_parts(self.payload)
+
+
+def _payload_array(codec: Codec, payload: bytes, shape: tuple[int, ...], levels: int,
+                   entropy: EntropyModel | None) -> np.ndarray:
+    if codec == Codec.CODES:
+        return unpack_codes(payload, levels, shape)
+    if codec == Codec.CODES_RANS:
+        if entropy is None:
+            raise ProtocolError("entropy-coded codes, but no entropy model here: the bundle has one and "
+                                "this side was exported without it")
+        return decode_codes_entropy(payload, levels, shape, entropy)
+    if codec in (Codec.GRAD_INT8, Codec.GRAD_INT4):
+        return decode_gradient(payload, _GRAD[codec], shape)
+    if codec in _DTYPE:
+        return np.frombuffer(payload, dtype=_DTYPE[codec]).reshape(shape)
+    raise ProtocolError(f"a {codec.name} payload is not an array")
+
+
+def _payload_json(codec: Codec, payload: bytes) -> dict:
+    if codec != Codec.JSON:
+        raise ProtocolError(f"a {codec.name} payload is not JSON")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"JSON payload does not parse: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("JSON payload must be an object")
+    return obj
 
 
 def new_request_id() -> bytes:
     return uuid.uuid4().bytes
 
 
-def codes_frame(kind: FrameKind, codes: np.ndarray, levels: int, **fields) -> Frame:
-    return Frame(kind=kind, codec=Codec.CODES, payload=pack_codes(codes, levels), shape=tuple(codes.shape),
-                 levels=levels, **fields)
+def codes_frame(kind: FrameKind, codes: np.ndarray, levels: int, entropy: EntropyModel | None = None,
+                **fields) -> Frame:
+    """Codes packed at log2(L) bits, or entropy-coded with `entropy` when that is smaller."""
+    packed = pack_codes(codes, levels)
+    if entropy is not None:
+        coded = encode_codes_entropy(codes, levels, entropy)
+        if len(coded) < len(packed):
+            return Frame(kind=kind, codec=Codec.CODES_RANS, payload=coded, shape=tuple(codes.shape), levels=levels,
+                         **fields)
+    return Frame(kind=kind, codec=Codec.CODES, payload=packed, shape=tuple(codes.shape), levels=levels, **fields)
 
 
 def array_frame(kind: FrameKind, arr: np.ndarray, **fields) -> Frame:
@@ -127,6 +184,74 @@ def array_frame(kind: FrameKind, arr: np.ndarray, **fields) -> Frame:
 
 def json_frame(kind: FrameKind, obj: dict, **fields) -> Frame:
     return Frame(kind=kind, codec=Codec.JSON, payload=json.dumps(obj, separators=(",", ":")).encode(), **fields)
+
+
+def array_part(arr: np.ndarray) -> Part:
+    f = array_frame(FrameKind.ERROR, arr, request_id=bytes(16), fingerprint=bytes(16))
+    return Part(f.codec, f.payload, f.shape)
+
+
+def codes_part(codes: np.ndarray, levels: int, entropy: EntropyModel | None = None) -> Part:
+    f = codes_frame(FrameKind.ERROR, codes, levels, entropy, request_id=bytes(16), fingerprint=bytes(16))
+    return Part(f.codec, f.payload, f.shape, f.levels)
+
+
+def gradient_part(g: np.ndarray, codec: str, rng: np.random.Generator | None = None) -> Part:
+    """codec: "fp16", "int8" or "int4" (edgeqtl.codec.GRADIENT_CODECS)."""
+    wire_codec = {v: k for k, v in _GRAD.items()}.get(codec)
+    if wire_codec is None:
+        raise ProtocolError(f"gradient codec must be one of {tuple(_GRAD.values())}, got {codec!r}")
+    return Part(wire_codec, encode_gradient(g, codec, rng), tuple(np.shape(g)))
+
+
+def json_part(obj: dict) -> Part:
+    return Part(Codec.JSON, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def tensors_frame(kind: FrameKind, parts: list[Part], **fields) -> Frame:
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ProtocolError(f"a TENSORS frame has 1 to {MAX_PARTS} parts, got {len(parts)}")
+    out = [struct.pack("<B", len(parts))]
+    for p in parts:
+        if p.codec == Codec.TENSORS or len(p.shape) > MAX_NDIM:
+            raise ProtocolError("a part is one tensor (no nesting), at most 4-d")
+        _check_payload_size(p.codec, p.shape, p.levels, len(p.payload))
+        out += [_PART.pack(int(p.codec), len(p.shape), p.levels), struct.pack(f"<{len(p.shape)}I", *p.shape),
+                struct.pack("<I", len(p.payload)), p.payload]
+    return Frame(kind=kind, codec=Codec.TENSORS, payload=b"".join(out), **fields)
+
+
+def _parse_parts(payload: bytes) -> list[Part]:
+    buf = memoryview(payload)
+    off = 0
+
+    def take(size: int, what: str) -> memoryview:
+        nonlocal off
+        if off + size > len(buf):
+            raise ProtocolError(f"TENSORS payload truncated in {what}")
+        out = buf[off: off + size]
+        off += size
+        return out
+
+    count = take(1, "part count")[0]
+    if not 1 <= count <= MAX_PARTS:
+        raise ProtocolError(f"a TENSORS frame has 1 to {MAX_PARTS} parts, got {count}")
+    parts = []
+    for i in range(count):
+        codec, ndim, levels = _PART.unpack(take(_PART.size, f"part {i} header"))
+        try:
+            codec = Codec(codec)
+        except ValueError:
+            raise ProtocolError(f"part {i}: unknown codec {codec}") from None
+        if codec == Codec.TENSORS or ndim > MAX_NDIM:
+            raise ProtocolError(f"part {i}: a part is one tensor (no nesting), at most {MAX_NDIM}-d")
+        shape = struct.unpack(f"<{ndim}I", take(4 * ndim, f"part {i} dims"))
+        (n,) = struct.unpack("<I", take(4, f"part {i} length"))
+        _check_payload_size(codec, shape, levels, n)
+        parts.append(Part(codec, bytes(take(n, f"part {i} payload")), tuple(shape), levels))
+    if off != len(buf):
+        raise ProtocolError(f"{len(buf) - off} stray bytes after the last part")
+    return parts
 
 
 # --------------------------------------------------------------------------- encode
@@ -166,15 +291,29 @@ def _check_fields(f: Frame) -> None:
 def _check_payload_size(codec: Codec, shape: tuple[int, ...], levels: int, n: int) -> None:
     if n > MAX_PAYLOAD:
         raise ProtocolError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte ceiling")
-    if codec == Codec.CODES:
+    if codec in (Codec.CODES, Codec.CODES_RANS):
         if not 2 <= levels <= 256:
             raise ProtocolError(f"codes need levels in [2, 256], got {levels}")
         expected = packed_nbytes(math.prod(shape), levels)
+        if codec == Codec.CODES_RANS:  # the sender uses it only when it beats plain packing
+            if n < 4 or n % 4 or n >= expected:
+                raise ProtocolError(f"entropy-coded payload of {n} bytes for shape {list(shape)}: must be a "
+                                    f"4-byte digest plus 32-bit words, and under the {expected} bytes of packing")
+            return
     elif codec in _ITEMSIZE:
         expected = math.prod(shape) * _ITEMSIZE[codec]
-    elif codec == Codec.JSON:
+    elif codec in (Codec.GRAD_INT8, Codec.GRAD_INT4):
+        if not shape or not shape[-1]:
+            raise ProtocolError("a gradient has a non-empty last axis")
+        # between the row bitmap alone (all rows zero) and every row kept; decoding checks the exact size
+        least, most = gradient_nbytes(shape, _GRAD[codec], 0), gradient_nbytes(shape, _GRAD[codec])
+        if not least <= n <= most:
+            raise ProtocolError(f"gradient payload of {n} bytes for shape {list(shape)}: must be "
+                                f"{least} to {most}")
+        return
+    elif codec in (Codec.JSON, Codec.TENSORS):
         if shape:
-            raise ProtocolError("a JSON payload has no shape")
+            raise ProtocolError(f"a {codec.name} payload has no shape")
         return
     else:  # pragma: no cover - Codec is closed
         raise ProtocolError(f"unknown codec {codec}")
@@ -231,6 +370,8 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     payload = bytes(take(plen, "payload"))
     if off != end:
         raise ProtocolError(f"{end - off} stray bytes after the payload")
+    if codec == Codec.TENSORS:
+        _parse_parts(payload)  # every part's sizes, checked now
     return Frame(kind=kind, request_id=bytes(rid), fingerprint=bytes(fp), codec=codec, payload=payload,
                  shape=tuple(shape), levels=levels, device_id=dev, reply_topic=reply, step=step)
 
@@ -242,5 +383,6 @@ def _text(b: memoryview, what: str) -> str:
         raise ProtocolError(f"{what} is not UTF-8") from None
 
 
-__all__ = ["Frame", "FrameKind", "Codec", "ProtocolError", "CodecError", "encode_frame", "decode_frame",
-           "codes_frame", "array_frame", "json_frame", "new_request_id", "header_nbytes"]
+__all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "CodecError", "encode_frame", "decode_frame",
+           "codes_frame", "array_frame", "json_frame", "tensors_frame", "array_part", "codes_part", "gradient_part",
+           "json_part", "new_request_id", "header_nbytes"]

@@ -121,6 +121,27 @@ def _graph_spec(path: Path, role: str, variant: str, inputs, outputs) -> GraphSp
                      _tensor_specs(sess.get_outputs(), outputs), _sha256(path))
 
 
+ENTROPY_SAMPLES = 256
+ENTROPY_SEED = 20_231  # generated training questions, never the held-out set
+
+
+@torch.no_grad()
+def fit_entropy_model(model, out: Path, text: TextSpec, image: ImageSpec):
+    """Per-dimension code histograms of the PyTorch client on generated samples (the
+    prompt's text tokens and the image tokens alike), for entropy coding on the wire."""
+    import numpy as np
+
+    from edgeqtl.codec import EntropyModel
+    from edgeqtl.imageproc import preprocess
+    from edgeqtl.prompt import PromptEncoder
+
+    samples = shapes.train_batch(ENTROPY_SEED, 0, ENTROPY_SAMPLES)
+    ids, mask = PromptEncoder.from_bundle(out, text).encode([s.question for s in samples])
+    pix = preprocess(np.stack([s.image for s in samples]), image)
+    codes = model.client(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pix)).wire.numpy()
+    return EntropyModel.from_codes(codes[mask.astype(bool)], model.split.levels)
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """int8 weights (per output channel) for every MatMul but the quantizer's in_proj, whose
     outputs are rounded straight to codes. Measured on the untrained tiny preset at cut 2
@@ -245,14 +266,16 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     bar.close()
 
     heads, head_dim = kv_shape(model.client)
+    shutil.copy(tok_path, out / "tokenizer.json")
+    entropy = fit_entropy_model(model, out, text, image) if split.quantizer == "fsq" else None
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else model.hidden_size,
                               hidden_size=model.hidden_size, num_layers=model.num_layers, num_kv_heads=heads,
-                              head_dim=head_dim, image=image, text=text, graphs=graphs, target=opts.target)
-    shutil.copy(tok_path, out / "tokenizer.json")
+                              head_dim=head_dim, image=image, text=text, graphs=graphs, target=opts.target,
+                              entropy=entropy.to_list() if entropy is not None else None)
     manifest.save(out)
     save_server_half(model, out / manifest.server_dir, fp, tok_path,
-                     extra={"text": dataclasses.asdict(text)})
+                     extra={"text": dataclasses.asdict(text), "entropy": manifest.entropy})
     result = ExportResult(manifest, out, time.time() - t0,
                           {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()})
     if opts.verify:

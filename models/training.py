@@ -170,10 +170,6 @@ def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_i
     return torch.gather(values, 1, idx.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
 def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
     """One forward/backward through the wire path. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from edgeqtl.wire import Codec, Frame, FrameKind, ProtocolError, json_frame
-from edgeqtl.codec import CodecError
+from edgeqtl.codec import CodecError, EntropyModel
 from edgeqtl.models.split import KVCache
 
 log = logging.getLogger("edgeqtl.server")
@@ -63,6 +63,8 @@ class GenerationEngine:
         self.session_timeout = session_timeout
         self.device = device
         self.sessions: dict[tuple[str, bytes], Session] = {}
+        entropy = bundle.meta.get("entropy")
+        self.entropy = EntropyModel.from_list(entropy) if entropy is not None else None
         self.server_id: str | None = None  # set by the agent: where this generation's decode steps must go
         self._lock = threading.Lock()
 
@@ -70,8 +72,10 @@ class GenerationEngine:
     def wire_tensor(self, frame: Frame, expect_tokens: int | None = None) -> torch.Tensor:
         s = self.split
         if s.quantizer == "fsq":
-            if frame.codec != Codec.CODES or frame.levels != s.levels:
-                raise RequestError("bad_codec", f"expected {s.levels}-level codes, got {frame.codec.name} "
+            accepted = (Codec.CODES, Codec.CODES_RANS) if self.entropy is not None else (Codec.CODES,)
+            if frame.codec not in accepted or frame.levels != s.levels:
+                raise RequestError("bad_codec", f"expected {s.levels}-level codes "
+                                                f"({' or '.join(c.name for c in accepted)}), got {frame.codec.name} "
                                                 f"with {frame.levels} levels")
         elif frame.codec != Codec.FLOAT16:
             raise RequestError("bad_codec", f"expected FLOAT16 hidden states, got {frame.codec.name}")
@@ -84,7 +88,7 @@ class GenerationEngine:
             raise RequestError("prompt_too_long", f"prompt of {frame.shape[1]} tokens exceeds the server's context "
                                                   f"of {self.max_context}")
         try:
-            arr = frame.array()
+            arr = frame.array(self.entropy)
         except (CodecError, ProtocolError) as e:
             raise RequestError("bad_codes", str(e)) from None
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)

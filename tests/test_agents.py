@@ -285,3 +285,17 @@ def test_device_run_answers_jobs_and_rides_out_a_broker_restart(exported, mosqui
             assert [x["answer"] for x in answered] == [lines[3]["answer"], lines[0]["answer"]]
         finally:
             transport.stop()
+
+
+def test_entropy_coded_requests_get_the_same_answers_with_fewer_bytes(exported, mosquitto):
+    _, bundle = exported
+    engine = load_engine(bundle / "server", max_new_tokens=MAX_NEW)
+    coded, plain = DeviceClient(bundle), DeviceClient(bundle, entropy=False)
+    assert coded.entropy is not None and engine.entropy is not None
+    assert coded.entropy.digest == engine.entropy.digest  # one model, in the bundle and the server half
+    cfg = BrokerConfig(port=mosquitto.port)
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-ans") as t:
+        for s in shapes.heldout(2):
+            a, b = coded.ask(t, s.image, s.question), plain.ask(t, s.image, s.question)
+            assert a.text == b.text and a.round_trips == b.round_trips
+            assert a.bytes_up <= b.bytes_up

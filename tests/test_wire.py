@@ -1,6 +1,8 @@
 """Frame format and code packing: round trips, and every defect is a ProtocolError."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -114,3 +116,121 @@ def test_frame_fields_are_checked_on_encode():
         encode_frame(Frame(FrameKind.ANSWER, b"short", FP, Codec.JSON, b"{}"))
     with pytest.raises(ProtocolError):
         encode_frame(Frame(FrameKind.INFER_REQUEST, FP, FP, Codec.CODES, b"\x00", shape=(5,), levels=4))
+
+
+# --------------------------------------------------------------------------- entropy-coded codes
+
+
+def _skewed_codes(levels=4, dims=32, tokens=40, seed=0):
+    """Codes whose per-dimension histograms differ, as a trained quantizer's do."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(levels, 0.5), size=dims)
+    codes = np.stack([[rng.choice(levels, p=p[d]) for d in range(dims)] for _ in range(tokens)]).astype(np.uint8)
+    return codes[None], p
+
+
+@pytest.mark.parametrize("levels", [2, 3, 4, 16])
+def test_entropy_coded_frames_round_trip_and_beat_packing(levels):
+    from edgeqtl.codec import EntropyModel
+
+    codes, _ = _skewed_codes(levels)
+    model = EntropyModel.from_codes(_skewed_codes(levels, tokens=400, seed=0)[0], levels)
+    frame = codes_frame(FrameKind.INFER_REQUEST, codes, levels, entropy=model, request_id=new_request_id(),
+                        fingerprint=FP)
+    assert frame.codec == Codec.CODES_RANS
+    assert len(frame.payload) < packed_nbytes(codes.size, levels)
+    back = decode_frame(encode_frame(frame))
+    assert np.array_equal(back.array(model), codes)
+    with pytest.raises(ProtocolError, match="no entropy model"):
+        back.array()
+
+
+def test_entropy_coding_falls_back_to_packing_when_it_does_not_pay():
+    from edgeqtl.codec import EntropyModel
+
+    levels = 4
+    model = EntropyModel(np.ones((8, levels), np.int64))  # uniform: nothing to gain over 2-bit packing
+    codes = np.random.default_rng(1).integers(0, levels, size=(1, 5, 8)).astype(np.uint8)
+    frame = codes_frame(FrameKind.INFER_REQUEST, codes, levels, entropy=model, request_id=new_request_id(),
+                        fingerprint=FP)
+    assert frame.codec == Codec.CODES and np.array_equal(frame.array(), codes)
+
+
+def test_entropy_model_mismatch_and_bad_payloads_are_clear_errors():
+    from edgeqtl.codec import EntropyModel, decode_codes_entropy, encode_codes_entropy
+
+    codes, _ = _skewed_codes()
+    model = EntropyModel.from_codes(codes, 4)
+    other = EntropyModel(model.counts + 1)
+    data = encode_codes_entropy(codes, 4, model)
+    with pytest.raises(CodecError, match="export the bundle and the server half together"):
+        decode_codes_entropy(data, 4, codes.shape, other)
+    with pytest.raises(CodecError, match="left over|32-bit"):
+        decode_codes_entropy(data + b"\0\0\0\x01", 4, codes.shape, model)
+    with pytest.raises(CodecError, match="32-bit words"):
+        decode_codes_entropy(data[:-1], 4, codes.shape, model)
+    with pytest.raises(CodecError, match="not shape"):
+        decode_codes_entropy(data, 4, (1, 40, 16), model)
+    # the frame decoder bounds the payload before touching it
+    frame = codes_frame(FrameKind.INFER_REQUEST, codes, 4, entropy=model, request_id=new_request_id(), fingerprint=FP)
+    frame.shape = (1, 1, 4)
+    with pytest.raises(ProtocolError, match="under the"):
+        encode_frame(frame)
+    with pytest.raises(CodecError, match="counts >= 1"):
+        EntropyModel(np.zeros((4, 4), np.int64))
+
+
+# --------------------------------------------------------------------------- multi-part frames (split training)
+
+
+def _train_frame():
+    from edgeqtl.wire import array_part, codes_part, gradient_part, json_part, tensors_frame
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, size=(2, 6, 8)).astype(np.uint8)
+    labels = rng.integers(-100, 40, size=(2, 6)).astype(np.int32)
+    grad = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    parts = [codes_part(codes, 4), array_part(labels), gradient_part(grad, "int8"), gradient_part(grad, "int4", rng),
+             json_part({"loss": 1.5})]
+    return tensors_frame(FrameKind.TRAIN_REQUEST, parts, request_id=new_request_id(), fingerprint=FP, step=7), \
+        codes, labels, grad
+
+
+def test_tensors_frame_round_trip():
+    frame, codes, labels, grad = _train_frame()
+    back = decode_frame(encode_frame(frame))
+    p = back.parts()
+    assert back.step == 7 and [x.codec for x in p] == [Codec.CODES, Codec.INT32, Codec.GRAD_INT8, Codec.GRAD_INT4,
+                                                       Codec.JSON]
+    assert np.array_equal(p[0].array(), codes) and np.array_equal(p[1].array(), labels)
+    assert np.abs(p[2].array() - grad).max() <= np.abs(grad).max() / 127
+    assert p[3].array().shape == grad.shape and p[4].json() == {"loss": 1.5}
+
+
+def test_tensors_frame_every_flip_and_truncation_is_rejected():
+    data = encode_frame(_train_frame()[0])
+    for i in range(0, len(data), 7):
+        bad = bytearray(data)
+        bad[i] ^= 0x40
+        with pytest.raises(ProtocolError):
+            decode_frame(bytes(bad))
+    for n in range(0, len(data), 11):
+        with pytest.raises(ProtocolError):
+            decode_frame(data[:n])
+
+
+def test_tensors_frame_with_a_lying_part_is_rejected_even_with_a_good_crc():
+    import struct
+    import zlib
+
+    frame = _train_frame()[0]
+    payload = bytearray(frame.payload)
+    payload[1] = 99  # part 0's codec byte: no such codec
+    body = encode_frame(dataclasses.replace(frame, payload=bytes(payload)))[:-4]
+    with pytest.raises(ProtocolError, match="unknown codec"):
+        decode_frame(body + struct.pack("<I", zlib.crc32(body)))
+    payload = bytearray(frame.payload)
+    payload[0] = 2  # says 2 parts, carries 5
+    body = encode_frame(dataclasses.replace(frame, payload=bytes(payload)))[:-4]
+    with pytest.raises(ProtocolError, match="stray bytes"):
+        decode_frame(body + struct.pack("<I", zlib.crc32(body)))
