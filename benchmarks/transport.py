@@ -12,6 +12,7 @@ Needs mosquitto installed (apt-get install mosquitto).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import threading
@@ -92,8 +93,9 @@ def main(argv=None) -> int:
     f = codes_frame(FrameKind.INFER_REQUEST, np.zeros((1, 20, 128), np.uint8), 4, request_id=new_request_id(),
                     fingerprint=bytes(16), device_id="pi-0001", reply_topic="edgeqtl/v1/reply/pi-0001")
     bare = Frame(FrameKind.ANSWER, bytes(16), bytes(16), Codec.JSON, b"{}")
-    print(f"\nheader overhead: {header_nbytes(f)} B for a 3-d codes request (device 'pi-0001', its reply topic),"
-          f" {header_nbytes(bare)} B minimum;")
+    mqtt5 = dataclasses.replace(f, reply_topic="")  # MQTT 5 carries the reply topic as a property
+    print(f"\nheader overhead: {header_nbytes(mqtt5)} B for a 3-d codes request from device 'pi-0001' over MQTT 5, "
+          f"{header_nbytes(f)} B over MQTT 3.1.1 (the reply topic in the header), {header_nbytes(bare)} B minimum;")
     print(f"  a 20-token 2-bit request of 128 dims: payload {packed_nbytes(20 * 128, 4)} B, frame "
           f"{len(encode_frame(f))} B")
     return 0

@@ -141,7 +141,7 @@ class DeviceClient:
         frame = self.frame(FrameKind.INFER_REQUEST, wire, rid, 0)
         server_id = None
         while True:
-            frame = addressed(frame, transport)
+            frame = transport.address(frame)  # as sent, so that the byte count has the whole header
             sent.up += len(encode_frame(frame))
             sent.fp16 += header_nbytes(frame) + frame.shape[1] * self.manifest.hidden_size * 2
             try:
@@ -181,9 +181,3 @@ class _Sent:
 class _SessionLost(Exception):
     def __init__(self, error: Exception):
         self.error = error
-
-
-def addressed(frame: Frame, transport) -> Frame:
-    """The frame as the transport will send it (device id and reply topic filled in),
-    so that the byte count includes the whole header."""
-    return dataclasses.replace(frame, device_id=transport.device_id, reply_topic=transport.reply_topic)

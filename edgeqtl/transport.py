@@ -328,10 +328,16 @@ class RequestClient(_OwnsEndpoint):
             slot[1].append(f)
             slot[0].set()
 
+    def address(self, frame: Frame) -> Frame:
+        """The frame as it is sent: this device's id, and the reply topic in the header
+        only under MQTT 3.1.1 (MQTT 5 carries it as the ResponseTopic property)."""
+        return dataclasses.replace(frame, device_id=self.device_id,
+                                   reply_topic="" if self.endpoint.cfg.protocol == 5 else self.reply_topic)
+
     def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2, server_id: str | None = None) -> Frame:
         """server_id: send to that server agent's own topic instead of the shared one."""
         topic = server_request_topic(server_id, self.device_id) if server_id else request_topic(self.device_id)
-        frame = dataclasses.replace(frame, device_id=self.device_id, reply_topic=self.reply_topic)
+        frame = self.address(frame)
         data = encode_frame(frame)
         event, box = threading.Event(), []
         key = (frame.request_id, frame.step)
