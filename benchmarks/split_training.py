@@ -39,6 +39,19 @@ def start_model(path: Path, steps: int) -> Path:
     return path
 
 
+def start_accuracy(model_dir: Path) -> float:
+    import torch
+
+    from edgeqtl import shapes
+    from edgeqtl.models.load import load_split_model
+    from edgeqtl.models.training import ShapesCollator, evaluate, image_spec_of
+
+    model = load_split_model(model_dir)
+    collate = ShapesCollator(shapes.build_tokenizer(), model.num_image_tokens, image_spec_of(model))
+    with torch.no_grad():
+        return evaluate(model, collate, shapes.heldout(100)).mean_accuracy
+
+
 def evaluate_devices(server, devices, per_family: int) -> float:
     import torch
 
@@ -121,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--trainable", default="projector,encoder")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", default="in-process,mqtt-int8,mqtt-int4")
+    ap.add_argument("--runs", default="in-process,mqtt-int8,mqtt-int4",
+                    help="comma list: in-process (fp32 gradients), local-<codec>, mqtt-<codec>; codec fp16, int8, int4")
     args = ap.parse_args(argv)
 
     import torch
@@ -133,14 +147,18 @@ def main(argv=None) -> int:
     model_dir = args.model
     if model_dir is None:
         model_dir = start_model(Path(tempfile.mkdtemp(prefix="edgeqtl-st-")) / "start", args.start_steps)
+    print(f"start model {model_dir}: held-out {100 * start_accuracy(model_dir):.2f}%", flush=True)
     base = SplitTrainConfig(steps=args.steps, batch_size=args.batch_size, warmup=20, checkpoint_every=10 ** 9,
                             trainable=tuple(args.trainable.split(",")))
     results = {}
     with MosquittoBroker() as broker:
         for name in args.runs.split(","):
-            codec = {"in-process": "fp32", "mqtt-int8": "int8", "mqtt-int4": "int4", "mqtt-fp16": "fp16"}[name]
+            # in-process: fp32 gradients, no network; local-<codec>: in process, compressed; mqtt-<codec>
+            where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
+            if where not in ("local", "mqtt") or codec not in ("fp32", "fp16", "int8", "int4"):
+                ap.error(f"unknown run {name!r}: in-process, local-<codec> or mqtt-<codec>, codec fp16/int8/int4")
             cfg = dataclasses.replace(base, grad_codec=codec)
-            results[name] = run(name, model_dir, cfg, None if name == "in-process" else broker.port)
+            results[name] = run(name, model_dir, cfg, None if where == "local" else broker.port)
             r = results[name]
             print(f"[{name}] held-out {100 * r['accuracy']:.2f}% in {r['minutes']:.1f} min; applied {r['applied']}",
                   flush=True)

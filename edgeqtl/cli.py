@@ -579,6 +579,30 @@ def device_train(model_dir, broker_url, ca_file, cert_file, key_file, device_id,
 
 
 @main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="The split model the run started from.")
+@click.option("--server-state", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The training server's --state-dir.")
+@click.option("--device-state", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The --state-dir of the device whose client half to keep.")
+@click.option("--device-id", required=True, help="That device's id.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@user_errors
+def merge(model_dir, server_state, device_state, device_id, out):
+    """Merge a split-training run into one split model directory (for `edgeqtl export`):
+    the server's trained trunk plus one device's trained client parts.
+
+    \b
+    Example:
+      edgeqtl merge --model runs/start --server-state runs/srv --device-state runs/dev0 \\
+          --device-id pi-0001 --out runs/split-trained && edgeqtl export --model runs/split-trained --out bundles/x
+    """
+    from edgeqtl.models.split_training import merge_trained
+
+    click.echo(f"merged into {merge_trained(model_dir, server_state, device_state, device_id, out)}")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".cache/edgeqtl-demo"), show_default=True,
               help="Where the trained model and the bundle are cached between runs.")
 @click.option("--steps", type=int, default=2000, show_default=True,

@@ -396,7 +396,7 @@ class DeviceTrainer:
             raise TrainingError("protocol", f"expected the GRADIENT of step {step}, got {reply.kind.name} "
                                             f"of step {reply.step}")
         g_part, info = reply.parts()
-        grad = torch.from_numpy(np.ascontiguousarray(g_part.array(), dtype=np.float32))
+        grad = torch.from_numpy(np.array(g_part.array(), dtype=np.float32))  # a writable copy
         if grad.shape != out.values.shape:
             raise TrainingError("bad_shape", f"gradient {list(grad.shape)} for values {list(out.values.shape)}")
         for g in self.opt.param_groups:
@@ -529,3 +529,27 @@ def _expect(frame: Frame, kind: FrameKind) -> None:
 
 __all__ = ["SplitTrainConfig", "ServerTrainer", "DeviceTrainer", "LocalLink", "run_device", "family_mix",
            "shard_batch", "TrainingError"]
+
+
+def merge_trained(base_dir: str | Path, server_state: str | Path, device_state: str | Path, device_id: str,
+                  out_dir: str | Path) -> Path:
+    """One split model directory from a split-training run: the starting model, the
+    server's trained trunk and one device's trained client parts (with --fedavg-every,
+    the devices' parts agree after the last round). `edgeqtl export` takes the result."""
+    from .load import load_split_model
+    from .training import save_checkpoint, TrainConfig
+
+    model = load_split_model(base_dir)
+    server = _load_state(Path(server_state) / "server")
+    device = _load_state(Path(device_state) / f"device-{device_id}")
+    if server is None:
+        raise FileNotFoundError(f"no server checkpoint in {server_state} (server.json); give the server's --state-dir")
+    if device is None:
+        raise FileNotFoundError(f"no checkpoint of device {device_id!r} in {device_state}; give that device's "
+                                "--state-dir and --device-id")
+    model.server.load_state_dict({k[7:]: v for k, v in server[0].items() if k.startswith("server.")})
+    params = dict(model.client.named_parameters())
+    with torch.no_grad():
+        for name in device[1]["names"]:
+            params[name].copy_(device[0][f"client.{name}"])
+    return save_checkpoint(model, out_dir, TrainConfig(), device[1]["step"])

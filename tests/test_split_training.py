@@ -206,3 +206,28 @@ class _Retrying:
 
     def request(self, frame):
         return self.t.request(frame, timeout=3, retries=40)
+
+
+def test_merged_result_exports(model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeqtl.cli import main
+
+    cfg = dataclasses.replace(CFG, steps=3)
+    server, (dev,) = _sides(model_dir, cfg, n=1, state=tmp_path / "state")
+    run_device(dev, LocalLink(server))
+    server.save()
+    r = CliRunner().invoke(main, ["merge", "--model", str(model_dir), "--server-state", str(tmp_path / "state"),
+                                  "--device-state", str(tmp_path / "state"), "--device-id", "dev0",
+                                  "--out", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    merged = load_split_model(tmp_path / "merged")
+    assert torch.equal(merged.server.lm_head.weight, server.server.lm_head.weight)
+    assert torch.equal(merged.client.projector.linear_1.weight, dev.client.projector.linear_1.weight)
+    r = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "merged"), "--out", str(tmp_path / "b"),
+                                  "--no-verify"])
+    assert r.exit_code == 0 and (tmp_path / "b" / "manifest.json").is_file(), r.output
+    r = CliRunner().invoke(main, ["merge", "--model", str(model_dir), "--server-state", str(tmp_path),
+                                  "--device-state", str(tmp_path / "state"), "--device-id", "dev0",
+                                  "--out", str(tmp_path / "m2")])
+    assert r.exit_code != 0 and "no server checkpoint" in r.output
