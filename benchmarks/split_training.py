@@ -1,8 +1,8 @@
 """Split training with 2 devices: over a real mosquitto with compressed gradients,
 against the same schedule in one process with exact (fp32) gradients.
 
-    python benchmarks/split_training.py --model runs/start --steps 300
     python benchmarks/split_training.py            # starts from a short in-process run of the tiny preset
+    python benchmarks/split_training.py --model runs/start --steps 1000 --seeds 0,1,2 --per-family 500
 
 Every run starts from the same split model, with the same seeds, shards and steps; the
 devices alternate on one trunk. Runs:
@@ -10,7 +10,11 @@ devices alternate on one trunk. Runs:
     mqtt-int8    two device threads and a server agent over mosquitto, 8-bit gradients
     mqtt-int4    the same, 4-bit unbiased stochastic gradients
 Prints held-out accuracy (each device's client half with the shared trunk, mean of the
-two) and bytes per step up and down against 16-bit both ways, frames whole.
+two) and bytes per step up and down against 16-bit both ways, frames whole. With several
+seeds (shards, sampling and stochastic rounding all follow the seed), each run's accuracy is
+given as mean and spread over seeds, and its gap to the in-process run as the mean of the
+per-seed (paired) differences: the over-MQTT runs interleave their two devices as the
+threads happen to, so no two runs follow quite the same trajectory.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def start_accuracy(model_dir: Path) -> float:
         return evaluate(model, collate, shapes.heldout(100)).mean_accuracy
 
 
-def evaluate_devices(server, devices, per_family: int) -> float:
+def evaluate_devices(server, devices, per_family: int) -> list[float]:
     import torch
 
     from edgeqtl import shapes
@@ -65,10 +69,10 @@ def evaluate_devices(server, devices, per_family: int) -> float:
         collate = ShapesCollator(shapes.build_tokenizer(), model.num_image_tokens, image_spec_of(model))
         with torch.no_grad():
             accs.append(evaluate(model, collate, shapes.heldout(per_family)).mean_accuracy)
-    return float(np.mean(accs))
+    return accs
 
 
-def run(name: str, model_dir: Path, cfg, port: int | None) -> dict:
+def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lockstep: bool) -> dict:
     from edgeqtl import shapes
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
@@ -94,24 +98,39 @@ def run(name: str, model_dir: Path, cfg, port: int | None) -> dict:
 
         cfgb = BrokerConfig(port=port)
 
+        turns = threading.Condition()
+        turn = [0]  # lockstep: whose request goes next
+
         class Link:
-            def __init__(self, t):
-                self.t = t
+            def __init__(self, t, index):
+                self.t, self.index = t, index
 
             def request(self, frame):
-                return self.t.request(frame, timeout=30)
+                if not lockstep:
+                    return self.t.request(frame, timeout=30)
+                with turns:
+                    if not turns.wait_for(lambda: turn[0] == self.index or errors, timeout=120) or errors:
+                        raise RuntimeError("the other device stopped")
+                try:
+                    return self.t.request(frame, timeout=30)
+                finally:
+                    with turns:
+                        turn[0] = (self.index + 1) % len(devices)
+                        turns.notify_all()
 
         errors = []
 
-        def device(d):
+        def device(i, d):
             try:
                 with RequestClient(cfgb, d.device_id) as t:
-                    run_device(d, Link(t))
+                    run_device(d, Link(t, i))
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
+                with turns:
+                    turns.notify_all()
 
         with Responder(cfgb, server.handle_batch, group=None, client_id=f"bench-srv-{name}"):
-            threads = [threading.Thread(target=device, args=(d,)) for d in devices]
+            threads = [threading.Thread(target=device, args=(i, d)) for i, d in enumerate(devices)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -120,7 +139,8 @@ def run(name: str, model_dir: Path, cfg, port: int | None) -> dict:
             raise RuntimeError(f"{name}: {errors[0]}")
     elapsed = time.time() - t0
     n = sum(d.step for d in devices)
-    return {"accuracy": evaluate_devices(server, devices, 100), "minutes": elapsed / 60,
+    accs = evaluate_devices(server, devices, per_family)
+    return {"accuracy": float(np.mean(accs)), "devices": accs, "minutes": elapsed / 60,
             "up": sum(d.bytes_up for d in devices) / n, "down": sum(d.bytes_down for d in devices) / n,
             "up16": sum(d.fp16_up for d in devices) / n, "down16": sum(d.fp16_down for d in devices) / n,
             "applied": {k: len(v) for k, v in server.applied.items()}}
@@ -128,12 +148,18 @@ def run(name: str, model_dir: Path, cfg, port: int | None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="the split model all runs start from")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="the split model all runs start from (built there from the tiny preset if missing)")
     ap.add_argument("--start-steps", type=int, default=1500, help="in-process steps for the default start model")
     ap.add_argument("--steps", type=int, default=300, help="split-training steps per device")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--trainable", default="projector,encoder")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", default="0", help="comma list of split-training seeds; every run is repeated per seed")
+    ap.add_argument("--free", action="store_true",
+                    help="over MQTT, let the two devices run as fast as each can (default: they take turns, "
+                         "as in process, so that only the gradient codec differs)")
+    ap.add_argument("--per-family", type=int, default=100, help="held-out questions per family")
     ap.add_argument("--runs", default="in-process,mqtt-int8,mqtt-int4",
                     help="comma list: in-process (fp32 gradients), local-<codec>, mqtt-<codec>; codec fp16, int8, int4")
     args = ap.parse_args(argv)
@@ -147,31 +173,46 @@ def main(argv=None) -> int:
     model_dir = args.model
     if model_dir is None:
         model_dir = start_model(Path(tempfile.mkdtemp(prefix="edgeqtl-st-")) / "start", args.start_steps)
+    elif not model_dir.exists():  # build the default start model there, to reuse it next time
+        start_model(model_dir, args.start_steps)
     print(f"start model {model_dir}: held-out {100 * start_accuracy(model_dir):.2f}%", flush=True)
     base = SplitTrainConfig(steps=args.steps, batch_size=args.batch_size, warmup=20, checkpoint_every=10 ** 9,
                             trainable=tuple(args.trainable.split(",")))
-    results = {}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    names = args.runs.split(",")
+    for name in names:
+        where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
+        if where not in ("local", "mqtt") or codec not in ("fp32", "fp16", "int8", "int4"):
+            ap.error(f"unknown run {name!r}: in-process, local-<codec> or mqtt-<codec>, codec fp16/int8/int4")
+    results: dict[str, list[dict]] = {name: [] for name in names}
     with MosquittoBroker() as broker:
-        for name in args.runs.split(","):
-            # in-process: fp32 gradients, no network; local-<codec>: in process, compressed; mqtt-<codec>
-            where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
-            if where not in ("local", "mqtt") or codec not in ("fp32", "fp16", "int8", "int4"):
-                ap.error(f"unknown run {name!r}: in-process, local-<codec> or mqtt-<codec>, codec fp16/int8/int4")
-            cfg = dataclasses.replace(base, grad_codec=codec)
-            results[name] = run(name, model_dir, cfg, None if where == "local" else broker.port)
-            r = results[name]
-            print(f"[{name}] held-out {100 * r['accuracy']:.2f}% in {r['minutes']:.1f} min; applied {r['applied']}",
-                  flush=True)
-    ref = results.get("in-process", {}).get("accuracy")
+        for seed in seeds:
+            for name in names:
+                # in-process: fp32 gradients, no network; local-<codec>: in process, compressed; mqtt-<codec>
+                where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
+                cfg = dataclasses.replace(base, grad_codec=codec, seed=seed)
+                r = run(name, model_dir, cfg, None if where == "local" else broker.port, args.per_family,
+                        not args.free)
+                results[name].append(r)
+                print(f"[{name} seed {seed}] held-out {100 * r['accuracy']:.2f}% (devices "
+                      f"{', '.join(f'{100 * a:.2f}' for a in r['devices'])}) in {r['minutes']:.1f} min; "
+                      f"applied {r['applied']}", flush=True)
+    ref = results.get("in-process")
     print(f"\nsplit training, 2 devices (IID shards), {args.steps} steps each, batch {args.batch_size}, "
-          f"trainable on device: {args.trainable}; start: {model_dir}")
-    print(f"{'run':<12}{'held-out':>9}{'vs ref':>8}{'up B/step':>11}{'16-bit':>9}{'saved':>7}"
+          f"trainable on device: {args.trainable}; start: {model_dir}; seeds {args.seeds}; "
+          f"held-out {5 * args.per_family} questions")
+    print(f"{'run':<12}{'held-out':>9}{'spread':>8}{'vs ref':>8}{'up B/step':>11}{'16-bit':>9}{'saved':>7}"
           f"{'down B/step':>13}{'16-bit':>9}{'saved':>7}")
-    for name, r in results.items():
-        delta = f"{100 * (r['accuracy'] - ref):+7.2f}" if ref is not None else f"{'-':>7}"
-        print(f"{name:<12}{100 * r['accuracy']:>8.2f}%{delta} {r['up']:>10.0f}{r['up16']:>9.0f}"
-              f"{100 * (1 - r['up'] / r['up16']):>6.1f}%{r['down']:>13.0f}{r['down16']:>9.0f}"
-              f"{100 * (1 - r['down'] / r['down16']):>6.1f}%")
+    for name, rs in results.items():
+        acc = 100 * np.array([r["accuracy"] for r in rs])
+        delta = f"{np.mean(acc - 100 * np.array([r['accuracy'] for r in ref])):+8.2f}" if ref else f"{'-':>8}"
+        up, up16, down, down16 = (np.mean([r[k] for r in rs]) for k in ("up", "up16", "down", "down16"))
+        saved_down = "  fp32" if name == "in-process" else f"{100 * (1 - down / down16):>5.1f}%"  # exact, uncompressed
+        print(f"{name:<12}{acc.mean():>8.2f}%{acc.std():>8.2f}{delta}{up:>11.0f}{up16:>9.0f}"
+              f"{100 * (1 - up / up16):>6.1f}%{down:>13.0f}{down16:>9.0f}{saved_down:>7}")
+    if len(seeds) > 1:
+        print("per seed: " + "; ".join(f"{name} " + " ".join(f"{100 * r['accuracy']:.2f}" for r in rs)
+                                        for name, rs in results.items()))
     return 0
 
 

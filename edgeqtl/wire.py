@@ -58,7 +58,7 @@ class FrameKind(enum.IntEnum):
     DECODE_STEP = 3  # device -> server: codes of one new token (cut > 0)
     NEXT_TOKEN = 4  # server -> device: JSON {token_id, done}
     ERROR = 5  # either way: JSON {code, message}
-    TRAIN_REQUEST = 16  # device -> server, TENSORS: codes, answer labels, attention mask, JSON {ckpt_step}
+    TRAIN_REQUEST = 16  # device -> server, TENSORS: codes, mask, answer positions, answer ids, JSON {ckpt_step}
     GRADIENT = 17  # server -> device, TENSORS: gradient w.r.t. the dequantised codes, JSON {loss, ...}
     FEDAVG_SUBMIT = 18  # device -> server, TENSORS: the device's trainable weights, flat float32; step = round
     FEDAVG_FETCH = 19  # device -> server, JSON {}: the round's average, or ERROR not_ready; step = round
@@ -219,6 +219,57 @@ def tensors_frame(kind: FrameKind, parts: list[Part], **fields) -> Frame:
         out += [_PART.pack(int(p.codec), len(p.shape), p.levels), struct.pack(f"<{len(p.shape)}I", *p.shape),
                 struct.pack("<I", len(p.payload)), p.payload]
     return Frame(kind=kind, codec=Codec.TENSORS, payload=b"".join(out), **fields)
+
+
+IGNORE_LABEL = -100  # a label position without loss (the prompt, padding)
+
+
+@dataclasses.dataclass
+class TrainRequest:
+    """The body of a TRAIN_REQUEST: what the server needs for one step of one device."""
+
+    codes: Part  # CODES (B, T, code_dim), or FLOAT16 values for a split without a quantizer
+    labels: np.ndarray  # (B, T) int64, IGNORE_LABEL where there is no loss
+    attention_mask: np.ndarray  # (B, T) int64, 0 or 1
+    ckpt_step: int  # the device's last checkpointed step: replies up to it can be dropped
+
+
+def train_request_frame(codes: Part, labels: np.ndarray, attention_mask: np.ndarray, ckpt_step: int,
+                        **fields) -> Frame:
+    """TRAIN_REQUEST: the labels travel sparse, as a 1-bit map of the answer positions and
+    the answer token ids, and the attention mask as a 1-bit map; dense int32 labels and
+    mask would cost 8 bytes a token, as much as 32 two-bit codes."""
+    labels, mask = np.asarray(labels), np.asarray(attention_mask)
+    answer = labels != IGNORE_LABEL
+    parts = [codes, codes_part(mask.astype(np.uint8), 2), codes_part(answer.astype(np.uint8), 2),
+             array_part(labels[answer].astype(np.int32)), json_part({"ckpt_step": int(ckpt_step)})]
+    return tensors_frame(FrameKind.TRAIN_REQUEST, parts, **fields)
+
+
+def parse_train_request(frame: Frame) -> TrainRequest:
+    parts = frame.parts()
+    if len(parts) != 5:
+        raise ProtocolError(f"TRAIN_REQUEST has 5 parts (codes, attention mask, answer positions, answer ids, "
+                            f"JSON), got {len(parts)}")
+    codes, mask_part, answer_part, ids_part, info_part = parts
+    for what, p in (("attention mask", mask_part), ("answer positions", answer_part)):
+        if p.codec != Codec.CODES or p.levels != 2 or len(p.shape) != 2:
+            raise ProtocolError(f"TRAIN_REQUEST {what}: a (B, T) 1-bit CODES part")
+    if ids_part.codec != Codec.INT32 or len(ids_part.shape) != 1:
+        raise ProtocolError("TRAIN_REQUEST answer ids: a 1-d INT32 part")
+    mask, answer, ids = mask_part.array(), answer_part.array().astype(bool), ids_part.array()
+    if answer.shape != mask.shape or tuple(codes.shape[:2]) != mask.shape or len(codes.shape) != 3:
+        raise ProtocolError(f"TRAIN_REQUEST shapes do not fit: codes {list(codes.shape)}, mask {list(mask.shape)}, "
+                            f"answer positions {list(answer.shape)}")
+    if ids.shape[0] != int(answer.sum()) or (ids < 0).any():
+        raise ProtocolError(f"TRAIN_REQUEST: {ids.shape[0]} answer ids for {int(answer.sum())} answer positions, "
+                            "or a negative id")
+    ckpt = info_part.json().get("ckpt_step", 0)
+    if not isinstance(ckpt, int) or isinstance(ckpt, bool) or ckpt < 0:
+        raise ProtocolError("TRAIN_REQUEST ckpt_step must be a non-negative integer")
+    labels = np.full(mask.shape, IGNORE_LABEL, dtype=np.int64)
+    labels[answer] = ids
+    return TrainRequest(codes, labels, mask.astype(np.int64), ckpt)
 
 
 def _parse_parts(payload: bytes) -> list[Part]:

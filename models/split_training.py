@@ -5,7 +5,7 @@ one process (`LocalLink`, the reference the benchmark compares against).
 
 One step of device d (step numbers start at 1 and are the device's own):
     device: batch from its shard -> client half -> codes
-            TRAIN_REQUEST [codes, labels, attention mask, {"ckpt_step"}], header step = s
+            TRAIN_REQUEST [codes, mask, answer positions, answer ids, {"ckpt_step"}], step = s
     server: dequantise -> server half -> cross-entropy -> backward -> optimizer step
             GRADIENT [d loss / d dequantised codes (fp16 | int8 | int4), {"loss", ...}]
     device: the gradient through the straight-through estimator, plus the commitment
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from edgeqtl import shapes
 from edgeqtl.wire import (Frame, FrameKind, ProtocolError, array_part, codes_part, decode_frame, encode_frame,
-                          gradient_part, json_frame, json_part, new_request_id, tensors_frame)
+                          gradient_part, json_frame, json_part, new_request_id, parse_train_request, tensors_frame,
+                          train_request_frame)
 
 from .quantizer import commitment_loss
 from .split import SplitModel
@@ -214,26 +215,26 @@ class ServerTrainer:
         if s != dev["step"] + 1:
             raise TrainingError("step_gap", f"device {frame.device_id} sent step {s}, the server expects "
                                             f"{dev['step'] + 1}")
-        parts = frame.parts()
-        if len(parts) != 4:
-            raise TrainingError("bad_request", "TRAIN_REQUEST has 4 parts: codes, labels, mask, JSON")
-        codes, labels, mask = (torch.from_numpy(np.array(p.array())) for p in parts[:3])  # writable copies
-        info = parts[3].json()
+        try:
+            req = parse_train_request(frame)
+        except ProtocolError as e:
+            raise TrainingError("bad_request", str(e)) from None
         split = self.model.split
-        if codes.ndim != 3 or labels.shape != codes.shape[:2] or mask.shape != labels.shape:
-            raise TrainingError("bad_shape", f"codes {list(codes.shape)}, labels {list(labels.shape)} and mask "
-                                             f"{list(mask.shape)} do not fit")
-        if split.quantizer == "fsq" and (parts[0].levels != split.levels or codes.shape[-1] != split.code_dim):
+        codes = torch.from_numpy(np.array(req.codes.array()))  # a writable copy
+        if split.quantizer == "fsq" and (req.codes.levels != split.levels or codes.shape[-1] != split.code_dim):
             raise TrainingError("bad_codec", f"expected {split.levels}-level codes of width {split.code_dim}")
+        vocab = self.server.lm_head.out_features
+        if int(req.labels.max(initial=0)) >= vocab:
+            raise TrainingError("bad_request", f"an answer id is outside the vocabulary of {vocab}")
         if log and self._wal is not None:  # before the reply: a crash after this replays the step
             data = encode_frame(frame)
             self._wal.write(struct.pack("<I", len(data)) + data)
             self._wal.flush()
             os.fsync(self._wal.fileno())
-        reply = self._apply(frame, codes, labels.long(), mask.long())
+        reply = self._apply(frame, codes, torch.from_numpy(req.labels), torch.from_numpy(req.attention_mask))
         dev["step"] = s
         dev["replies"][str(s)] = encode_frame(reply).hex()
-        ckpt = int(info.get("ckpt_step", 0))
+        ckpt = req.ckpt_step
         for k in [k for k in dev["replies"] if int(k) <= ckpt and int(k) != s]:
             del dev["replies"][k]  # the device can no longer need these
         self.applied.setdefault(frame.device_id, []).append(s)
@@ -379,13 +380,12 @@ class DeviceTrainer:
             wire = codes_part(out.wire.numpy(), self.model.split.levels)
         else:
             wire = array_part(out.wire.detach().numpy().astype(np.float16))
-        parts = [wire, array_part(batch.labels.numpy().astype(np.int32)),
-                 array_part(batch.attention_mask.numpy().astype(np.int32)),
-                 # the server keeps the replies after this step, for a restart from the checkpoint to replay;
-                 # a device without checkpoints cannot replay, and says so
-                 json_part({"ckpt_step": self.ckpt_step if self.state_dir is not None else step - 1})]
-        frame = tensors_frame(FrameKind.TRAIN_REQUEST, parts, request_id=new_request_id(),
-                              fingerprint=self.fingerprint, step=step, device_id=self.device_id)
+        # the server keeps the replies after ckpt_step, for a restart from the checkpoint to replay;
+        # a device without checkpoints cannot replay, and says so
+        ckpt = self.ckpt_step if self.state_dir is not None else step - 1
+        frame = train_request_frame(wire, batch.labels.numpy(), batch.attention_mask.numpy(), ckpt,
+                                    request_id=new_request_id(), fingerprint=self.fingerprint, step=step,
+                                    device_id=self.device_id)
         return frame, out, batch
 
     def apply(self, step: int, out, reply: Frame) -> dict:

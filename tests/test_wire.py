@@ -234,3 +234,34 @@ def test_tensors_frame_with_a_lying_part_is_rejected_even_with_a_good_crc():
     body = encode_frame(dataclasses.replace(frame, payload=bytes(payload)))[:-4]
     with pytest.raises(ProtocolError, match="stray bytes"):
         decode_frame(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_train_request_carries_sparse_labels_and_rejects_lies():
+    from edgeqtl.wire import (IGNORE_LABEL, array_part, codes_part, json_part, parse_train_request, tensors_frame,
+                              train_request_frame)
+
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 4, size=(8, 40, 8)).astype(np.uint8)
+    mask = (rng.random((8, 40)) < 0.8).astype(np.int64)
+    labels = np.where(rng.random((8, 40)) < 0.05, rng.integers(0, 500, size=(8, 40)), IGNORE_LABEL)
+    frame = train_request_frame(codes_part(codes, 4), labels, mask, 40, request_id=new_request_id(),
+                                fingerprint=FP, step=41, device_id="pi-1")
+    req = parse_train_request(decode_frame(encode_frame(frame)))
+    assert np.array_equal(req.codes.array(), codes) and np.array_equal(req.labels, labels)
+    assert np.array_equal(req.attention_mask, mask) and req.ckpt_step == 40
+    dense = 8 * 40 * 8  # what int32 labels and mask would have cost
+    assert len(frame.payload) - len(frame.parts()[0].payload) < dense // 4
+
+    parts = frame.parts()
+    ids = parts[3].array()
+    for bad, match in [
+        (parts[:4], "5 parts"),
+        ([parts[0], parts[1], parts[2], array_part(ids[:-1].copy()) if len(ids) else array_part(np.ones(1, np.int32)),
+          parts[4]], "answer ids"),
+        ([parts[0], parts[1], codes_part(np.ones((8, 39), np.uint8), 2), parts[3], parts[4]], "do not fit"),
+        ([parts[0], array_part(mask.astype(np.int32)), parts[2], parts[3], parts[4]], "1-bit CODES"),
+        ([parts[0], parts[1], parts[2], parts[3], json_part({"ckpt_step": -1})], "ckpt_step"),
+    ]:
+        lie = tensors_frame(FrameKind.TRAIN_REQUEST, bad, request_id=new_request_id(), fingerprint=FP, step=41)
+        with pytest.raises(ProtocolError, match=match):
+            parse_train_request(decode_frame(encode_frame(lie)))
