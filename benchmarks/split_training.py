@@ -43,7 +43,7 @@ def start_model(path: Path, steps: int) -> Path:
     return path
 
 
-def start_accuracy(model_dir: Path) -> float:
+def start_accuracy(model_dir: Path, per_family: int = 100) -> float:
     import torch
 
     from edgeqtl import shapes
@@ -53,7 +53,7 @@ def start_accuracy(model_dir: Path) -> float:
     model = load_split_model(model_dir)
     collate = ShapesCollator(shapes.build_tokenizer(), model.num_image_tokens, image_spec_of(model))
     with torch.no_grad():
-        return evaluate(model, collate, shapes.heldout(100)).mean_accuracy
+        return evaluate(model, collate, shapes.heldout(per_family)).mean_accuracy
 
 
 def evaluate_devices(server, devices, per_family: int) -> list[float]:
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--start-steps", type=int, default=1500, help="in-process steps for the default start model")
     ap.add_argument("--steps", type=int, default=300, help="split-training steps per device")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: SplitTrainConfig's)")
     ap.add_argument("--trainable", default="projector,encoder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="comma list of split-training seeds; every run is repeated per seed")
@@ -175,9 +176,11 @@ def main(argv=None) -> int:
         model_dir = start_model(Path(tempfile.mkdtemp(prefix="edgeqtl-st-")) / "start", args.start_steps)
     elif not model_dir.exists():  # build the default start model there, to reuse it next time
         start_model(model_dir, args.start_steps)
-    print(f"start model {model_dir}: held-out {100 * start_accuracy(model_dir):.2f}%", flush=True)
+    print(f"start model {model_dir}: held-out {100 * start_accuracy(model_dir, args.per_family):.2f}%", flush=True)
     base = SplitTrainConfig(steps=args.steps, batch_size=args.batch_size, warmup=20, checkpoint_every=10 ** 9,
                             trainable=tuple(args.trainable.split(",")))
+    if args.lr is not None:
+        base = dataclasses.replace(base, lr=args.lr)
     seeds = [int(x) for x in args.seeds.split(",")]
     names = args.runs.split(",")
     for name in names:
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
                       f"applied {r['applied']}", flush=True)
     ref = results.get("in-process")
     print(f"\nsplit training, 2 devices (IID shards), {args.steps} steps each, batch {args.batch_size}, "
-          f"trainable on device: {args.trainable}; start: {model_dir}; seeds {args.seeds}; "
+          f"lr {base.lr:g}, trainable on device: {args.trainable}; start: {model_dir}; seeds {args.seeds}; "
           f"held-out {5 * args.per_family} questions")
     print(f"{'run':<12}{'held-out':>9}{'spread':>8}{'vs ref':>8}{'up B/step':>11}{'16-bit':>9}{'saved':>7}"
           f"{'down B/step':>13}{'16-bit':>9}{'saved':>7}")
