@@ -182,17 +182,16 @@ def main(argv=None) -> int:
     if args.lr is not None:
         base = dataclasses.replace(base, lr=args.lr)
     seeds = [int(x) for x in args.seeds.split(",")]
-    names = args.runs.split(",")
-    for name in names:
-        where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
+    # in-process: fp32 gradients, no network; local-<codec>: in process, compressed; mqtt-<codec>
+    plan = {name: ("local", "fp32") if name == "in-process" else tuple(name.split("-", 1))
+            for name in args.runs.split(",")}
+    for name, (where, codec) in plan.items():
         if where not in ("local", "mqtt") or codec not in ("fp32", "fp16", "int8", "int4"):
             ap.error(f"unknown run {name!r}: in-process, local-<codec> or mqtt-<codec>, codec fp16/int8/int4")
-    results: dict[str, list[dict]] = {name: [] for name in names}
+    results: dict[str, list[dict]] = {name: [] for name in plan}
     with MosquittoBroker() as broker:
         for seed in seeds:
-            for name in names:
-                # in-process: fp32 gradients, no network; local-<codec>: in process, compressed; mqtt-<codec>
-                where, codec = ("local", "fp32") if name == "in-process" else name.split("-", 1)
+            for name, (where, codec) in plan.items():
                 cfg = dataclasses.replace(base, grad_codec=codec, seed=seed)
                 r = run(name, model_dir, cfg, None if where == "local" else broker.port, args.per_family,
                         not args.free)
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
         acc = 100 * np.array([r["accuracy"] for r in rs])
         delta = f"{np.mean(acc - 100 * np.array([r['accuracy'] for r in ref])):+8.2f}" if ref else f"{'-':>8}"
         up, up16, down, down16 = (np.mean([r[k] for r in rs]) for k in ("up", "up16", "down", "down16"))
-        saved_down = "  fp32" if name == "in-process" else f"{100 * (1 - down / down16):>5.1f}%"  # exact, uncompressed
+        saved_down = "  fp32" if plan[name][1] == "fp32" else f"{100 * (1 - down / down16):>5.1f}%"  # uncompressed
         print(f"{name:<12}{acc.mean():>8.2f}%{acc.std():>8.2f}{delta}{up:>11.0f}{up16:>9.0f}"
               f"{100 * (1 - up / up16):>6.1f}%{down:>13.0f}{down16:>9.0f}{saved_down:>7}")
     if len(seeds) > 1:

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from edgeqtl import shapes
-from edgeqtl.wire import (Frame, FrameKind, ProtocolError, array_part, codes_part, decode_frame, encode_frame,
-                          gradient_part, json_frame, json_part, new_request_id, parse_train_request, tensors_frame,
-                          train_request_frame)
+from edgeqtl.wire import (IGNORE_LABEL, Frame, FrameKind, ProtocolError, array_part, codes_part, decode_frame,
+                          encode_frame, gradient_part, json_frame, json_part, new_request_id, parse_train_request,
+                          tensors_frame, train_request_frame)
 
 from .quantizer import commitment_loss
 from .split import SplitModel
@@ -234,8 +234,7 @@ class ServerTrainer:
         reply = self._apply(frame, codes, torch.from_numpy(req.labels), torch.from_numpy(req.attention_mask))
         dev["step"] = s
         dev["replies"][str(s)] = encode_frame(reply).hex()
-        ckpt = req.ckpt_step
-        for k in [k for k in dev["replies"] if int(k) <= ckpt and int(k) != s]:
+        for k in [k for k in dev["replies"] if int(k) <= req.ckpt_step and int(k) != s]:
             del dev["replies"][k]  # the device can no longer need these
         self.applied.setdefault(frame.device_id, []).append(s)
         self.server_steps += 1
@@ -249,13 +248,13 @@ class ServerTrainer:
         values = self.server.receive(codes).detach().requires_grad_(True)
         logits = self.server.forward_values(values, mask)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+                               ignore_index=IGNORE_LABEL)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
         grad = values.grad.numpy()
-        answer_pos = (labels[:, 1:] != -100)
+        answer_pos = (labels[:, 1:] != IGNORE_LABEL)
         correct = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & answer_pos).sum().item()
         body = {"loss": loss.item(), "server_step": self.server_steps + 1,
                 "token_accuracy": correct / max(1, int(answer_pos.sum()))}
