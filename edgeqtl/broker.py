@@ -124,45 +124,62 @@ class AmqttBroker:
             raise BrokerStartError("neither mosquitto nor amqtt is installed: apt-get install mosquitto, "
                                    "or pip install 'edgeqtl[demo]'") from None
         self.port = self.port or free_port()
-        self._loop = asyncio.new_event_loop()
+        self._loop = None
         self._stop_event = None
         self._error: BaseException | None = None
+        ready = threading.Event()
 
         async def serve():
             import logging
 
             from amqtt.broker import Broker
 
-            logging.getLogger("amqtt").setLevel(logging.WARNING)
+            # amqtt logs every client that disconnects abruptly at ERROR; a demo's devices come and go
+            logging.getLogger("amqtt").setLevel(logging.CRITICAL)
             self._stop_event = asyncio.Event()
-            broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}})
+            # Anonymous auth only: the default plugin set adds $SYS topics (BrokerSysPlugin),
+            # which nothing here reads and which warns that its psutil dependency is moving.
+            broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}},
+                            loop=asyncio.get_running_loop())
             await broker.start()
+            ready.set()  # listening; no probe connection (amqtt would log it as a broken client)
             await self._stop_event.wait()
             await broker.shutdown()
 
         def run():
+            loop = self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             try:
-                self._loop.run_until_complete(serve())
+                loop.run_until_complete(serve())
             except BaseException as e:  # reported by start()
                 self._error = e
+                ready.set()
+            finally:
+                # As asyncio.run does: cancel and finish what amqtt left running (the sessions
+                # of clients that just left), so that no transport outlives the loop.
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                asyncio.set_event_loop(None)
+                loop.close()
 
         self._thread = threading.Thread(target=run, name="edgeqtl-amqtt", daemon=True)
         self._thread.start()
-        deadline = time.time() + timeout
-        while time.time() < deadline and self._error is None:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise BrokerStartError(f"amqtt did not listen on {self.host}:{self.port}: {self._error or 'timeout'}")
+        if not ready.wait(timeout) or self._error is not None:
+            self.stop()
+            raise BrokerStartError(f"amqtt did not listen on {self.host}:{self.port}: {self._error or 'timeout'}")
+        return self
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}?protocol=3.1.1"
 
     def stop(self) -> None:
-        if self._stop_event is not None:
+        if self._stop_event is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop_event.set)
         self._thread.join(5)
 

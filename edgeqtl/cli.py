@@ -373,6 +373,7 @@ def server(server_half, broker_url, ca_file, cert_file, key_file, group, no_shar
             agent.stop()
             if state_dir is not None:
                 trainer.save()
+            trainer.close()
             click.echo(f"stopped after {trainer.server_steps} steps: " +
                        json.dumps({k: len(v) for k, v in trainer.applied.items()}), err=True)
 

@@ -281,6 +281,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if opts.verify:
         from .verify import verify_bundle
 
-        result.verification = verify_bundle(model, out, manifest, tokenizer, opts.verify_per_family)
+        result.verification = verify_bundle(model, out, manifest, tokenizer, opts.verify_per_family,
+                                            gate_accuracy=read_split_meta(model_dir).get("step", 0) > 0)
     return result
 

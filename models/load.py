@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .hf import quiet_transformers
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitConfig, SplitModel, UnsupportedModelError
 
 
@@ -46,6 +47,7 @@ def load_llava(directory: str | Path, dtype: torch.dtype = torch.float32):
 
     directory = Path(directory)
     _check_checkpoint_dir(directory)
+    quiet_transformers()
     return LlavaForConditionalGeneration.from_pretrained(
         directory, use_safetensors=True, dtype=dtype, attn_implementation="eager")
 

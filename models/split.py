@@ -19,6 +19,8 @@ Wire modes (`SplitConfig.quantizer`):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -157,14 +159,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Te
     return pos[:, -q_len:]
 
 
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(layer_type: type) -> str:
+    """The name a decoder layer takes its KV cache by: `cache` from transformers 5.24
+    (`past_key_values` is deprecated there and goes in 5.40), `past_key_values` before."""
+    params = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def run_layers(decoder, layers, h, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
     q_len = h.shape[1]
     pos = position_ids_from_mask(attention_mask, q_len)
     bias = attention_bias(attention_mask, q_len, h.dtype)
     rope = decoder.rotary_emb(h, pos)
     for layer in layers:
-        out = layer(h, attention_mask=bias, position_ids=pos, past_key_values=cache,
-                    use_cache=cache is not None, position_embeddings=rope)
+        out = layer(h, attention_mask=bias, position_ids=pos, use_cache=cache is not None, position_embeddings=rope,
+                    **{cache_kwarg(type(layer)): cache})
         h = out[0] if isinstance(out, tuple) else out
     return h
 
@@ -329,8 +339,11 @@ def save_split_model(model: SplitModel, directory: str | Path, extra: dict | Non
     """Directory = HF Llava checkpoint (config.json + safetensors) + quantizer + split config."""
     from safetensors.torch import save_file
 
+    from .hf import quiet_transformers
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    quiet_transformers()
     model.llava.save_pretrained(directory, safe_serialization=True)
     q = model.quantizer_state()
     if q:

@@ -290,6 +290,19 @@ class ServerTrainer:
                              fingerprint=frame.fingerprint, step=r)
 
     # ---------------------------------------------------------------- checkpoint, log, restore
+    def close(self) -> None:
+        """Close the write-ahead log (what it holds is on disk already)."""
+        with self._lock:
+            if self._wal is not None:
+                self._wal.close()
+                self._wal = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def save(self) -> None:
         with self._lock:
             opt_t, opt_meta = _optimizer_tensors(self.opt)

@@ -194,7 +194,10 @@ def test_two_server_agents_one_killed_every_request_answered_once(exported, mosq
     cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "--server-half", str(bundle / "server"), "--broker",
            f"mqtt://127.0.0.1:{mosquitto.port}", "--max-new-tokens", str(MAX_NEW), "--threads", "1"]
     logs = [tmp_path / f"server{i}.log" for i in range(2)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    procs = []
+    for log in logs:
+        with log.open("w") as err:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err))
     answers: dict[int, list[str]] = {i: [] for i in range(len(samples))}
     restarts, answered, errors = [0], threading.Semaphore(0), []
     transports = [RequestClient(BrokerConfig(port=mosquitto.port), f"pi-kill-{d}") for d in range(4)]

@@ -136,6 +136,7 @@ def test_device_restarted_from_its_checkpoint_replays_without_double_updates(mod
     crashed.apply(5, out, link.request(frame))
     assert np.allclose(crashed.flat_weights(), reference, atol=1e-6)
     run_device(crashed, link)
+    server.close()
     assert server.applied["dev0"] == [1, 2, 3, 4, 5, 6]
 
 
@@ -155,7 +156,8 @@ def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, t
            str(cfg.steps), "--batch-size", str(cfg.batch_size), "--checkpoint-every", "5", "--threads", "1"]
 
     def start(log):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        with log.open("w") as err:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 90
         while "training server on" not in log.read_text():
             assert p.poll() is None and time.time() < deadline, log.read_text()
@@ -217,6 +219,7 @@ def test_merged_result_exports(model_dir, tmp_path):
     server, (dev,) = _sides(model_dir, cfg, n=1, state=tmp_path / "state")
     run_device(dev, LocalLink(server))
     server.save()
+    server.close()
     r = CliRunner().invoke(main, ["merge", "--model", str(model_dir), "--server-state", str(tmp_path / "state"),
                                   "--device-state", str(tmp_path / "state"), "--device-id", "dev0",
                                   "--out", str(tmp_path / "merged")])
