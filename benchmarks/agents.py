@@ -41,11 +41,11 @@ def export_models(model: Path | None, tmp: Path) -> dict[int, Path]:
         return {BundleManifest.load(bundle).cut: bundle}
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitConfig, SplitModel
-    from edgeqtl.models.training import TrainConfig, save_checkpoint
+    from edgeqtl.models.checkpoint import save_checkpoint
 
     out = {}
     for cut in (0, 2):
-        save_checkpoint(SplitModel(build_tiny(0), SplitConfig(cut=cut, levels=4)), tmp / f"m{cut}", TrainConfig(), 0)
+        save_checkpoint(SplitModel(build_tiny(0), SplitConfig(cut=cut, levels=4)), tmp / f"m{cut}")
         export_bundle(ExportOptions(tmp / f"m{cut}", tmp / f"b{cut}", verify=False), progress=None)
         out[cut] = tmp / f"b{cut}"
     return out
@@ -57,7 +57,7 @@ class ServerProcess:
     def __init__(self, bundle: Path, port: int, max_batch: int, threads: int, log: Path):
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeqtl.cli", "server", "--server-half", str(bundle / "server"), "--broker",
+            [sys.executable, "-m", "edgeqtl.cli", "server", "serve", "--server-half", str(bundle / "server"), "--broker",
              f"mqtt://127.0.0.1:{port}", "--max-batch", str(max_batch), "--threads", str(threads)],
             stdout=subprocess.DEVNULL, stderr=log.open("w"))
         deadline = time.time() + 120

@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     if model_dir is None:  # the tiny preset at cut 2, saved as `edgeqtl train` saves it
         from edgeqtl.models.presets import build_tiny
         from edgeqtl.models.split import SplitConfig, SplitModel
-        from edgeqtl.models.training import TrainConfig, save_checkpoint
+        from edgeqtl.models.checkpoint import save_checkpoint
 
         model_dir = tmp / "tiny"
-        save_checkpoint(SplitModel(build_tiny(0), SplitConfig(cut=2, levels=4)), model_dir, TrainConfig(), 0)
+        save_checkpoint(SplitModel(build_tiny(0), SplitConfig(cut=2, levels=4)), model_dir)
     bundle = args.bundle
     if bundle is None:
         from edgeqtl.export.bundle import ExportOptions, export_bundle

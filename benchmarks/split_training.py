@@ -76,11 +76,13 @@ def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lock
     from edgeqtl import shapes
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
-    from edgeqtl.models.split_training import DeviceTrainer, LocalLink, ServerTrainer, run_device
+    from edgeqtl.device_agent.links import LocalLink
+    from edgeqtl.device_agent.training import DeviceTrainer, run_device
+    from edgeqtl.server_agent.training import TrainingService
 
     base = load_split_model(model_dir)
     fp = bytes.fromhex(fingerprint(base))[:16]
-    server = ServerTrainer(base, cfg, num_devices=2, fingerprint=fp)
+    server = TrainingService(base, cfg, num_devices=2, fingerprint=fp)
     devices = [DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(), cfg, f"bench-{name}-{i}", i, 2,
                              None, fingerprint=fp) for i in range(2)]
     t0 = time.time()
@@ -143,7 +145,7 @@ def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lock
     return {"accuracy": float(np.mean(accs)), "devices": accs, "minutes": elapsed / 60,
             "up": sum(d.bytes_up for d in devices) / n, "down": sum(d.bytes_down for d in devices) / n,
             "up16": sum(d.fp16_up for d in devices) / n, "down16": sum(d.fp16_down for d in devices) / n,
-            "applied": {k: len(v) for k, v in server.applied.items()}}
+            "applied": {d: ledger.applied for d, ledger in server.ledgers.items()}}
 
 
 def main(argv=None) -> int:
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     import torch
 
     from edgeqtl.broker import MosquittoBroker
-    from edgeqtl.models.split_training import SplitTrainConfig
+    from edgeqtl.models.steps import SplitTrainConfig
 
     torch.set_num_threads(args.threads)
     model_dir = args.model

@@ -18,21 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from edgeqtl.bundle import BundleError, BundleManifest
+from edgeqtl.errors import RemoteError
 from edgeqtl.imageproc import load_image, preprocess
 from edgeqtl.prompt import PromptEncoder
-from edgeqtl.transport import RequestTimeout, TransportError
-from edgeqtl.wire import Frame, FrameKind, array_frame, codes_frame, encode_frame, header_nbytes, new_request_id
+from edgeqtl.transport import RequestTimeout
+from edgeqtl.wire import (Frame, FrameKind, array_frame, codes_frame, encode_frame, header_nbytes, new_request_id,
+                          raise_if_error)
+
+from .session import open_session
 
 log = logging.getLogger("edgeqtl.device")
-
-
-class ServerError(TransportError):
-    """The server answered with an ERROR frame; the message is its one line."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"server refused the request ({code}): {message}")
-        self.code = code
-
 
 @dataclasses.dataclass
 class Answer:
@@ -43,32 +38,6 @@ class Answer:
     bytes_up_fp16: int  # the same frames carrying 16-bit hidden states instead, headers included
     round_trips: int
     restarts: int = 0  # generations started again after their server agent died
-
-
-PROVIDERS = {
-    "jetson": [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                              "trt_engine_cache_path": str(Path.home() / ".cache/edgeqtl/trt")}),
-               "CUDAExecutionProvider", "CPUExecutionProvider"],
-    "cpu": ["CPUExecutionProvider"],
-    "arm64": ["CPUExecutionProvider"],
-}
-
-
-def _session(path: Path, target: str, threads: int | None):
-    import onnxruntime as ort
-
-    wanted = PROVIDERS[target]
-    available = set(ort.get_available_providers())
-    providers = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
-    missing = [(p[0] if isinstance(p, tuple) else p) for p in wanted if p not in providers]
-    if target == "jetson" and missing:
-        log.warning("execution providers %s are not available; running on %s", missing,
-                    [p[0] if isinstance(p, tuple) else p for p in providers])
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 class DeviceClient:
@@ -87,8 +56,8 @@ class DeviceClient:
             log.warning("the bundle has an entropy model but constriction is not installed; sending plain "
                         "packed codes (pip install constriction)")
             self.entropy = None
-        self.prefill = _session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
-        self.decode = _session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
+        self.prefill = open_session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
+        self.decode = open_session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
 
     # ---------------------------------------------------------------- the client half
     def encode(self, image, prompt: str):
@@ -153,17 +122,17 @@ class DeviceClient:
                     raise
                 raise _SessionLost(e) from None
             sent.trips += 1
-            if reply.kind == FrameKind.ERROR:
-                err = reply.json()
-                error = ServerError(err.get("code", "error"), err.get("message", ""))
+            try:
+                raise_if_error(reply)
+            except RemoteError as error:
                 if error.code == "unknown_session":
-                    raise _SessionLost(error)
-                raise error
+                    raise _SessionLost(error) from None
+                raise
             if reply.kind == FrameKind.ANSWER:
                 a = reply.json()
                 return Answer(a["text"], a["tokens"], time.perf_counter() - t0, sent.up, sent.fp16, sent.trips)
             if reply.kind != FrameKind.NEXT_TOKEN or self.decode is None:
-                raise ServerError("protocol", f"unexpected {reply.kind.name} reply")
+                raise RemoteError("protocol", f"unexpected {reply.kind.name} reply")
             nxt = reply.json()
             server_id = nxt.get("server") or None
             wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)

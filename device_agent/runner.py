@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from edgeqtl.errors import EdgeqtlError
 from edgeqtl.transport import BrokerConfig, BrokerUnavailable, RequestClient, TransportError
 
-from .client import DeviceClient, ServerError
+from .client import DeviceClient
 
 log = logging.getLogger("edgeqtl.device")
 
 
-class JobError(ValueError):
-    pass
+class JobError(EdgeqtlError, ValueError):
+    """A job line that is not a job."""
 
 
 @dataclasses.dataclass
@@ -89,8 +90,6 @@ class DeviceRunner:
                 return {"id": job.id, "prompt": job.prompt, "image": str(job.image), "answer": a.text,
                         "tokens": a.tokens, "latency_ms": round(1e3 * a.latency_s, 2), "bytes_up": a.bytes_up,
                         "bytes_up_fp16": a.bytes_up_fp16, "round_trips": a.round_trips}
-            except (ServerError, ValueError, OSError) as e:  # the job's own fault (ImageError is a ValueError)
-                return {"id": job.id, "prompt": job.prompt, "image": str(job.image), "error": str(e)}
             except TransportError as e:  # broker or servers down: wait and try again
                 if self.give_up_s is not None and time.monotonic() - t0 > self.give_up_s:
                     return {"id": job.id, "prompt": job.prompt, "image": str(job.image),
@@ -98,6 +97,12 @@ class DeviceRunner:
                 log.warning("job %s: %s; trying again in %.1f s", job.id, e, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, self.max_backoff)
+            except (EdgeqtlError, OSError) as e:  # the job's own fault: a bad image, a refusal by the server
+                return {"id": job.id, "prompt": job.prompt, "image": str(job.image), "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - a bug: logged whole, the job answered, the agent goes on
+                log.exception("job %s failed", job.id)
+                return {"id": job.id, "prompt": job.prompt, "image": str(job.image),
+                        "error": f"internal error ({type(e).__name__}: {e}); see the agent's log"}
 
     def run_lines(self, lines: Iterable[str], out: IO[str], base_dir: Path, name: str = "job",
                   skip: set[str] = frozenset()) -> int:

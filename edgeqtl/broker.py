@@ -12,8 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import EdgeqtlError
 
-class BrokerStartError(RuntimeError):
+
+class BrokerStartError(EdgeqtlError, RuntimeError):
     pass
 
 

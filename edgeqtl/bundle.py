@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .errors import EdgeqtlError
 from .imageproc import ImageSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -15,7 +16,7 @@ FORMAT_VERSION = 1
 TARGETS = ("cpu", "arm64", "jetson")
 
 
-class BundleError(ValueError):
+class BundleError(EdgeqtlError, ValueError):
     """A bundle that is missing, incomplete, or from an incompatible export."""
 
 

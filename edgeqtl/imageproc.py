@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import EdgeqtlError
+
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -20,7 +22,7 @@ _RESAMPLING = {
 }
 
 
-class ImageError(ValueError):
+class ImageError(EdgeqtlError, ValueError):
     """An image that cannot be read or used; the message says which and why."""
 
 
@@ -37,7 +39,7 @@ class ImageSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
         if d.get("resample", "bicubic") not in _RESAMPLING:
-            raise ValueError(f"unknown resampling {d.get('resample')!r}; expected one of {sorted(_RESAMPLING)}")
+            raise ImageError(f"unknown resampling {d.get('resample')!r}; expected one of {sorted(_RESAMPLING)}")
         return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), d.get("resample", "bicubic"))
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import TextSpec
+from .errors import EdgeqtlError
+
+
+class PromptError(EdgeqtlError, ValueError):
+    """A prompt the bundle cannot encode."""
 
 
 class PromptEncoder:
@@ -31,7 +36,7 @@ class PromptEncoder:
         for p, s in zip(prompts, seqs):
             n = s.count(self.text.image_token_id)
             if n != self.text.image_token_count:
-                raise ValueError(f"prompt {p[:40]!r} yields {n} image tokens, expected {self.text.image_token_count}: "
+                raise PromptError(f"prompt {p[:40]!r} yields {n} image tokens, expected {self.text.image_token_count}: "
                                  f"do not write {self.text.image_token!r} in the prompt yourself")
         T = max(map(len, seqs))
         ids = np.full((len(seqs), T), self.text.pad_token_id, dtype=np.int64)

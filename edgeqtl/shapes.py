@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -162,14 +161,6 @@ def train_batch(seed: int, step: int, batch_size: int, families: tuple[str, ...]
             for i in range(batch_size)]
 
 
-def train_stream(seed: int, batch_size: int, start: int = 0, families: tuple[str, ...] = FAMILIES) -> Iterator[list[Sample]]:
-    """The endless training stream, batch by batch from step `start`."""
-    step = start
-    while True:
-        yield train_batch(seed, step, batch_size, families)
-        step += 1
-
-
 HELDOUT_SEED = 20261123  # its own stream: [HELDOUT_SEED, 2, k] never meets [seed, 1, step]
 
 
@@ -180,6 +171,30 @@ def heldout(per_family: int = 500, families: tuple[str, ...] = FAMILIES) -> list
         rng = np.random.default_rng([HELDOUT_SEED, 2, k])
         out.extend(make_sample(rng, fam) for _ in range(per_family))
     return out
+
+
+# --------------------------------------------------------------------------- device shards
+
+
+def family_mix(device_index: int, num_devices: int, alpha: float | None, seed: int) -> np.ndarray:
+    """A device's family proportions for split training: uniform (IID, alpha None) or
+    Dirichlet(alpha) (non-IID; smaller alpha, more skewed)."""
+    if alpha is None:
+        return np.full(len(FAMILIES), 1 / len(FAMILIES))
+    rng = np.random.default_rng([seed, 7919, num_devices])
+    return rng.dirichlet(np.full(len(FAMILIES), alpha), size=num_devices)[device_index]
+
+
+def shard_batch(seed: int, device_index: int, step: int, batch_size: int, mix: np.ndarray,
+                max_objects: int) -> list[Sample]:
+    """Batch `step` of a device's shard: its own stream (no other device or the server
+    ever sees these images), families by largest remainder of `mix`."""
+    w = mix * batch_size
+    counts = np.floor(w).astype(int)
+    for i in np.argsort(-(w - counts))[: batch_size - counts.sum()]:
+        counts[i] += 1
+    fams = tuple(f for f, c in zip(FAMILIES, counts) for _ in range(c))
+    return train_batch(seed, step, batch_size, families=fams, stream=100 + device_index, max_objects=max_objects)
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -32,7 +32,8 @@ import urllib.parse
 import uuid
 from typing import Callable
 
-from .wire import Frame, FrameKind, ProtocolError, decode_frame, encode_frame, json_frame
+from .errors import CodedError, EdgeqtlError
+from .wire import Frame, ProtocolError, decode_frame, encode_frame, error_frame
 
 log = logging.getLogger("edgeqtl.transport")
 
@@ -59,7 +60,7 @@ def shared_request_subscription(group: str = DEFAULT_GROUP) -> str:
     return f"$share/{group}/{TOPIC_ROOT}/req/+"
 
 
-class TransportError(RuntimeError):
+class TransportError(EdgeqtlError, RuntimeError):
     """A transport failure the user can act on; the message says what and how."""
 
 
@@ -94,14 +95,14 @@ class BrokerConfig:
         """mqtt://[user:pass@]host[:port][?protocol=3.1.1]  or  mqtts://... (TLS, default port 8883)."""
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+            raise TransportError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
         if not u.hostname:
-            raise ValueError(f"broker URL {url!r} has no host")
+            raise TransportError(f"broker URL {url!r} has no host")
         tls = u.scheme in ("mqtts", "ssl")
         q = urllib.parse.parse_qs(u.query)
         proto = q.get("protocol", ["5"])[0]
         if proto not in ("5", "3.1.1", "311"):
-            raise ValueError(f"protocol must be 5 or 3.1.1, got {proto!r}")
+            raise TransportError(f"protocol must be 5 or 3.1.1, got {proto!r}")
         cfg = cls(host=u.hostname, port=u.port or (8883 if tls else 1883), tls=tls,
                   username=urllib.parse.unquote(u.username) if u.username else None,
                   password=urllib.parse.unquote(u.password) if u.password else None,
@@ -343,16 +344,22 @@ class RequestClient(_OwnsEndpoint):
         key = (frame.request_id, frame.step)
         with self._lock:
             self._pending[key] = (event, box)
+        sent = 0
         try:
             for attempt in range(retries + 1):
                 if not self.endpoint.wait_connected(timeout):
                     continue
-                self.resends += attempt > 0
+                self.resends += sent > 0
                 self.endpoint.publish(topic, data, self.reply_topic, frame.request_id)
+                sent += 1
                 if event.wait(timeout):
                     return box[0]
                 log.info("request %s: no reply in %.1f s (attempt %d)", frame.request_id.hex()[:8], timeout, attempt + 1)
-            raise RequestTimeout(f"no reply from any server in {retries + 1} tries of {timeout:.0f} s; "
+            if not sent:
+                raise BrokerUnavailable(f"not connected to broker {self.endpoint.cfg.describe()} for "
+                                        f"{retries + 1} tries of {timeout:.0f} s; the request was not sent. Is the "
+                                        "broker running?")
+            raise RequestTimeout(f"no reply from any server in {sent} tries of {timeout:.0f} s; "
                                  "is a server agent running on this broker?")
         finally:
             with self._lock:
@@ -376,7 +383,7 @@ class Responder(_OwnsEndpoint):
         self.handle_batch = handle_batch
         self.server_id = client_id or f"srv-{uuid.uuid4().hex[:12]}"
         if any(c in self.server_id for c in "/+#$"):
-            raise ValueError(f"server id {self.server_id!r} must not contain / + # $")
+            raise TransportError(f"server id {self.server_id!r} must not contain / + # $")
         self.cache: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self.cache_size = cache_size
         self.duplicates = 0
@@ -402,7 +409,7 @@ class Responder(_OwnsEndpoint):
             except ProtocolError as e:
                 # The sender cannot be trusted to be anyone, but a corrupt frame still gets an answer.
                 rid = m.correlation if m.correlation and len(m.correlation) == 16 else bytes(16)
-                self._publish(m, None, encode_frame(error_frame(rid, bytes(16), "bad_frame", str(e))))
+                self._publish(m, None, encode_frame(error_frame(CodedError("bad_frame", str(e)), rid)))
                 continue
             key = (frame.device_id, frame.request_id, frame.kind, frame.step)
             with self._lock:
@@ -422,7 +429,7 @@ class Responder(_OwnsEndpoint):
             replies = self.handle_batch(frames)
         except Exception as e:  # keep serving other devices
             log.exception("handler failed on a batch of %d", len(frames))
-            replies = [error_frame(f.request_id, f.fingerprint, "server_error", f"{type(e).__name__}: {e}")
+            replies = [error_frame(CodedError("server_error", f"{type(e).__name__}: {e}"), **f.reply_fields())
                        for f in frames]
         self.batches += 1
         for (key, (frame, msgs)), reply in zip(todo.items(), replies):
@@ -445,8 +452,3 @@ class Responder(_OwnsEndpoint):
 def one_by_one(handle: Callable[[Frame], Frame]) -> Callable[[list[Frame]], list[Frame]]:
     """A Responder handler from a per-frame function (no batching)."""
     return lambda frames: [handle(f) for f in frames]
-
-
-def error_frame(request_id: bytes, fingerprint: bytes, code: str, message: str) -> Frame:
-    return json_frame(FrameKind.ERROR, {"code": code, "message": message}, request_id=request_id,
-                      fingerprint=fingerprint)

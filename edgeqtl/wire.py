@@ -35,8 +35,8 @@ import zlib
 
 import numpy as np
 
-from .codec import (CodecError, EntropyModel, decode_codes_entropy, decode_gradient, encode_codes_entropy,
-                    encode_gradient, gradient_nbytes, pack_codes, packed_nbytes, unpack_codes)
+from .codec import CODECS, GRADIENT_CODECS, Codec, CodecError, EntropyModel, encode_codes_entropy, pack_codes
+from .errors import CodedError, EdgeqtlError, RemoteError
 
 MAGIC = b"EQTL"
 VERSION = 1
@@ -48,7 +48,7 @@ _FIXED = struct.Struct("<4sBBBBHH16s16sI")  # magic .. step: 48 bytes
 _CRC = struct.Struct("<I")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(EdgeqtlError, ValueError):
     """A frame that is malformed, truncated, corrupt or from another version."""
 
 
@@ -65,28 +65,16 @@ class FrameKind(enum.IntEnum):
     FEDAVG_RESULT = 20  # server -> device, TENSORS: the averaged weights, flat float32
 
 
-class Codec(enum.IntEnum):
-    CODES = 1  # base-L packed integer codes (edgeqtl.codec), `levels` set
-    FLOAT16 = 2  # raw little-endian float16
-    FLOAT32 = 3  # raw little-endian float32
-    INT32 = 4  # raw little-endian int32 (token ids, masks)
-    JSON = 5  # UTF-8 JSON text, ndim 0
-    CODES_RANS = 6  # integer codes entropy-coded with the bundle's EntropyModel (edgeqtl.codec), `levels` set
-    GRAD_INT8 = 7  # float gradient, int8 per row with a float32 scale per row (edgeqtl.codec)
-    GRAD_INT4 = 8  # float gradient, 4-bit stochastic rounding per row, unbiased (edgeqtl.codec)
-    TENSORS = 9  # several parts (each its own codec, shape, levels) in one frame; ndim 0
-
-
-_ITEMSIZE = {Codec.FLOAT16: 2, Codec.FLOAT32: 4, Codec.INT32: 4}
-_DTYPE = {Codec.FLOAT16: "<f2", Codec.FLOAT32: "<f4", Codec.INT32: "<i4"}
-_GRAD = {Codec.FLOAT16: "fp16", Codec.GRAD_INT8: "int8", Codec.GRAD_INT4: "int4"}
+_ARRAY_CODECS = {np.dtype("float16"): Codec.FLOAT16, np.dtype("float32"): Codec.FLOAT32,
+                 np.dtype("int32"): Codec.INT32}
 MAX_PARTS = 8
 _PART = struct.Struct("<BBH")  # codec, ndim, levels; then dims, payload length, payload
 
 
 @dataclasses.dataclass
 class Part:
-    """One tensor of a TENSORS frame: a payload with its own codec, shape and levels."""
+    """One tensor: a payload with its codec, shape and levels. A frame's own payload is
+    one part; a TENSORS frame's payload holds several."""
 
     codec: Codec
     payload: bytes
@@ -94,10 +82,26 @@ class Part:
     levels: int = 0
 
     def array(self, entropy: EntropyModel | None = None) -> np.ndarray:
-        return _payload_array(self.codec, self.payload, self.shape, self.levels, entropy)
+        """The payload as an array of `shape` (codes unpacked to uint8, gradients to
+        float32). Entropy-coded codes need the bundle's `entropy` model."""
+        spec = CODECS[self.codec]
+        if spec.decode is None:
+            raise ProtocolError(f"a {self.codec.name} payload is not an array")
+        try:
+            return spec.decode(self.payload, self.shape, levels=self.levels, entropy=entropy)
+        except CodecError as e:
+            raise ProtocolError(str(e)) from None
 
     def json(self) -> dict:
-        return _payload_json(self.codec, self.payload)
+        if self.codec != Codec.JSON:
+            raise ProtocolError(f"a {self.codec.name} payload is not JSON")
+        try:
+            obj = json.loads(self.payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"JSON payload does not parse: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("JSON payload must be an object")
+        return obj
 
 
 @dataclasses.dataclass
@@ -112,100 +116,85 @@ class Frame:
     device_id: str = ""
     reply_topic: str = ""
     step: int = 0
+    _parts: list[Part] | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    # ---------------------------------------------------------------- payload views
+    @property
+    def body(self) -> Part:
+        return Part(self.codec, self.payload, self.shape, self.levels)
+
     def array(self, entropy: EntropyModel | None = None) -> np.ndarray:
-        """The payload as an array of `shape` (codes unpacked to uint8, gradients to
-        float32). Entropy-coded codes need the bundle's `entropy` model."""
-        return _payload_array(self.codec, self.payload, self.shape, self.levels, entropy)
+        return self.body.array(entropy)
 
     def json(self) -> dict:
-        return _payload_json(self.codec, self.payload)
+        return self.body.json()
 
     def parts(self) -> list[Part]:
-        """The tensors of a TENSORS frame, in order."""
+        """The tensors of a TENSORS frame, in order (parsed once)."""
         if self.codec != Codec.TENSORS:
             raise ProtocolError(f"a {self.codec.name} payload has no parts")
-        return _parse_parts(self.payload)
+        if self._parts is None:
+            self._parts = _parse_parts(self.payload)
+        return self._parts
 
-
-def _payload_array(codec: Codec, payload: bytes, shape: tuple[int, ...], levels: int,
-                   entropy: EntropyModel | None) -> np.ndarray:
-    if codec == Codec.CODES:
-        return unpack_codes(payload, levels, shape)
-    if codec == Codec.CODES_RANS:
-        if entropy is None:
-            raise ProtocolError("entropy-coded codes, but no entropy model here: the bundle has one and "
-                                "this side was exported without it")
-        return decode_codes_entropy(payload, levels, shape, entropy)
-    if codec in (Codec.GRAD_INT8, Codec.GRAD_INT4):
-        return decode_gradient(payload, _GRAD[codec], shape)
-    if codec in _DTYPE:
-        return np.frombuffer(payload, dtype=_DTYPE[codec]).reshape(shape)
-    raise ProtocolError(f"a {codec.name} payload is not an array")
-
-
-def _payload_json(codec: Codec, payload: bytes) -> dict:
-    if codec != Codec.JSON:
-        raise ProtocolError(f"a {codec.name} payload is not JSON")
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"JSON payload does not parse: {e}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("JSON payload must be an object")
-    return obj
+    def reply_fields(self) -> dict:
+        """The ids a reply to this frame carries, so the sender can match it."""
+        return {"request_id": self.request_id, "fingerprint": self.fingerprint, "step": self.step}
 
 
 def new_request_id() -> bytes:
     return uuid.uuid4().bytes
 
 
-def codes_frame(kind: FrameKind, codes: np.ndarray, levels: int, entropy: EntropyModel | None = None,
-                **fields) -> Frame:
+# --------------------------------------------------------------------------- building payloads
+
+
+def codes_part(codes: np.ndarray, levels: int, entropy: EntropyModel | None = None) -> Part:
     """Codes packed at log2(L) bits, or entropy-coded with `entropy` when that is smaller."""
     packed = pack_codes(codes, levels)
     if entropy is not None:
         coded = encode_codes_entropy(codes, levels, entropy)
         if len(coded) < len(packed):
-            return Frame(kind=kind, codec=Codec.CODES_RANS, payload=coded, shape=tuple(codes.shape), levels=levels,
-                         **fields)
-    return Frame(kind=kind, codec=Codec.CODES, payload=packed, shape=tuple(codes.shape), levels=levels, **fields)
-
-
-def array_frame(kind: FrameKind, arr: np.ndarray, **fields) -> Frame:
-    codec = {np.dtype("float16"): Codec.FLOAT16, np.dtype("float32"): Codec.FLOAT32,
-             np.dtype("int32"): Codec.INT32}.get(arr.dtype)
-    if codec is None:
-        raise ProtocolError(f"no codec for dtype {arr.dtype}")
-    return Frame(kind=kind, codec=codec, payload=np.ascontiguousarray(arr, dtype=_DTYPE[codec]).tobytes(),
-                 shape=tuple(arr.shape), **fields)
-
-
-def json_frame(kind: FrameKind, obj: dict, **fields) -> Frame:
-    return Frame(kind=kind, codec=Codec.JSON, payload=json.dumps(obj, separators=(",", ":")).encode(), **fields)
+            return Part(Codec.CODES_RANS, coded, tuple(codes.shape), levels)
+    return Part(Codec.CODES, packed, tuple(codes.shape), levels)
 
 
 def array_part(arr: np.ndarray) -> Part:
-    f = array_frame(FrameKind.ERROR, arr, request_id=bytes(16), fingerprint=bytes(16))
-    return Part(f.codec, f.payload, f.shape)
-
-
-def codes_part(codes: np.ndarray, levels: int, entropy: EntropyModel | None = None) -> Part:
-    f = codes_frame(FrameKind.ERROR, codes, levels, entropy, request_id=bytes(16), fingerprint=bytes(16))
-    return Part(f.codec, f.payload, f.shape, f.levels)
+    codec = _ARRAY_CODECS.get(arr.dtype)
+    if codec is None:
+        raise ProtocolError(f"no codec for dtype {arr.dtype}")
+    return Part(codec, CODECS[codec].encode(arr), tuple(arr.shape))
 
 
 def gradient_part(g: np.ndarray, codec: str, rng: np.random.Generator | None = None) -> Part:
     """codec: "fp16", "int8" or "int4" (edgeqtl.codec.GRADIENT_CODECS)."""
-    wire_codec = {v: k for k, v in _GRAD.items()}.get(codec)
+    wire_codec = GRADIENT_CODECS.get(codec)
     if wire_codec is None:
-        raise ProtocolError(f"gradient codec must be one of {tuple(_GRAD.values())}, got {codec!r}")
-    return Part(wire_codec, encode_gradient(g, codec, rng), tuple(np.shape(g)))
+        raise ProtocolError(f"gradient codec must be one of {tuple(GRADIENT_CODECS)}, got {codec!r}")
+    try:
+        return Part(wire_codec, CODECS[wire_codec].encode(np.asarray(g, np.float32), rng=rng), tuple(np.shape(g)))
+    except CodecError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def json_part(obj: dict) -> Part:
     return Part(Codec.JSON, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def frame_of(kind: FrameKind, part: Part, **fields) -> Frame:
+    return Frame(kind=kind, codec=part.codec, payload=part.payload, shape=part.shape, levels=part.levels, **fields)
+
+
+def codes_frame(kind: FrameKind, codes: np.ndarray, levels: int, entropy: EntropyModel | None = None,
+                **fields) -> Frame:
+    return frame_of(kind, codes_part(codes, levels, entropy), **fields)
+
+
+def array_frame(kind: FrameKind, arr: np.ndarray, **fields) -> Frame:
+    return frame_of(kind, array_part(arr), **fields)
+
+
+def json_frame(kind: FrameKind, obj: dict, **fields) -> Frame:
+    return frame_of(kind, json_part(obj), **fields)
 
 
 def tensors_frame(kind: FrameKind, parts: list[Part], **fields) -> Frame:
@@ -218,7 +207,27 @@ def tensors_frame(kind: FrameKind, parts: list[Part], **fields) -> Frame:
         _check_payload_size(p.codec, p.shape, p.levels, len(p.payload))
         out += [_PART.pack(int(p.codec), len(p.shape), p.levels), struct.pack(f"<{len(p.shape)}I", *p.shape),
                 struct.pack("<I", len(p.payload)), p.payload]
-    return Frame(kind=kind, codec=Codec.TENSORS, payload=b"".join(out), **fields)
+    return Frame(kind=kind, codec=Codec.TENSORS, payload=b"".join(out), _parts=list(parts), **fields)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_frame(error: CodedError, request_id: bytes, fingerprint: bytes = bytes(16), step: int = 0) -> Frame:
+    """The ERROR frame that carries `error` back to the sender of a request."""
+    return json_frame(FrameKind.ERROR, {"code": error.code, "message": error.message}, request_id=request_id,
+                      fingerprint=fingerprint, step=step)
+
+
+def raise_if_error(frame: Frame) -> Frame:
+    """`frame`, unless it is an ERROR frame: then the error it carries, as a RemoteError."""
+    if frame.kind == FrameKind.ERROR:
+        err = frame.json()
+        raise RemoteError(str(err.get("code", "error")), str(err.get("message", "")))
+    return frame
+
+
+# --------------------------------------------------------------------------- split training's request
 
 
 IGNORE_LABEL = -100  # a label position without loss (the prompt, padding)
@@ -342,34 +351,10 @@ def _check_fields(f: Frame) -> None:
 def _check_payload_size(codec: Codec, shape: tuple[int, ...], levels: int, n: int) -> None:
     if n > MAX_PAYLOAD:
         raise ProtocolError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte ceiling")
-    if codec in (Codec.CODES, Codec.CODES_RANS):
-        if not 2 <= levels <= 256:
-            raise ProtocolError(f"codes need levels in [2, 256], got {levels}")
-        expected = packed_nbytes(math.prod(shape), levels)
-        if codec == Codec.CODES_RANS:  # the sender uses it only when it beats plain packing
-            if n < 4 or n % 4 or n >= expected:
-                raise ProtocolError(f"entropy-coded payload of {n} bytes for shape {list(shape)}: must be a "
-                                    f"4-byte digest plus 32-bit words, and under the {expected} bytes of packing")
-            return
-    elif codec in _ITEMSIZE:
-        expected = math.prod(shape) * _ITEMSIZE[codec]
-    elif codec in (Codec.GRAD_INT8, Codec.GRAD_INT4):
-        if not shape or not shape[-1]:
-            raise ProtocolError("a gradient has a non-empty last axis")
-        # between the row bitmap alone (all rows zero) and every row kept; decoding checks the exact size
-        least, most = gradient_nbytes(shape, _GRAD[codec], 0), gradient_nbytes(shape, _GRAD[codec])
-        if not least <= n <= most:
-            raise ProtocolError(f"gradient payload of {n} bytes for shape {list(shape)}: must be "
-                                f"{least} to {most}")
-        return
-    elif codec in (Codec.JSON, Codec.TENSORS):
-        if shape:
-            raise ProtocolError(f"a {codec.name} payload has no shape")
-        return
-    else:  # pragma: no cover - Codec is closed
-        raise ProtocolError(f"unknown codec {codec}")
-    if n != expected:
-        raise ProtocolError(f"payload is {n} bytes but shape {list(shape)} with codec {codec.name} needs {expected}")
+    try:
+        CODECS[codec].check_size(tuple(shape), levels, n)
+    except CodecError as e:
+        raise ProtocolError(f"{codec.name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- decode
@@ -421,10 +406,9 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     payload = bytes(take(plen, "payload"))
     if off != end:
         raise ProtocolError(f"{end - off} stray bytes after the payload")
-    if codec == Codec.TENSORS:
-        _parse_parts(payload)  # every part's sizes, checked now
+    parts = _parse_parts(payload) if codec == Codec.TENSORS else None  # every part's sizes, checked now
     return Frame(kind=kind, request_id=bytes(rid), fingerprint=bytes(fp), codec=codec, payload=payload,
-                 shape=tuple(shape), levels=levels, device_id=dev, reply_topic=reply, step=step)
+                 shape=tuple(shape), levels=levels, device_id=dev, reply_topic=reply, step=step, _parts=parts)
 
 
 def _text(b: memoryview, what: str) -> str:
@@ -434,6 +418,7 @@ def _text(b: memoryview, what: str) -> str:
         raise ProtocolError(f"{what} is not UTF-8") from None
 
 
-__all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "CodecError", "encode_frame", "decode_frame",
+__all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "encode_frame", "decode_frame", "frame_of",
            "codes_frame", "array_frame", "json_frame", "tensors_frame", "array_part", "codes_part", "gradient_part",
-           "json_part", "new_request_id", "header_nbytes"]
+           "json_part", "error_frame", "raise_if_error", "new_request_id", "header_nbytes", "IGNORE_LABEL",
+           "TrainRequest", "train_request_frame", "parse_train_request"]

@@ -206,7 +206,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     from tokenizers import Tokenizer
 
     if opts.target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {opts.target!r}")
+        raise CheckpointError(f"target must be one of {TARGETS}, got {opts.target!r}")
     t0 = time.time()
     model_dir, out = Path(opts.model_dir), Path(opts.out)
     split, trained = resolve_split(model_dir, opts.cut, opts.levels)

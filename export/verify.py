@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from edgeqtl import shapes
+from edgeqtl.device_agent.session import open_session
 from edgeqtl.imageproc import preprocess
 from edgeqtl.prompt import PromptEncoder
 
@@ -72,12 +73,8 @@ class VerifyReport:
 
 
 def session(path, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """The graph opened as the device opens it, on the CPU (verification's reference)."""
+    return open_session(path, "cpu", threads)
 
 
 def _agree(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[float, float]:

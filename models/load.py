@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from edgeqtl.errors import EdgeqtlError
+
 from .hf import quiet_transformers
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitConfig, SplitModel, UnsupportedModelError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgeqtlError, ValueError):
     """A checkpoint directory that cannot be used; the message says why and what to do."""
 
 

@@ -3,8 +3,8 @@
 Device side (`QuantizerEncoder`): in_proj (hidden -> code_dim), robust per-token
 normalisation (clip to mean +- c sigma, map to [-1, 1]), uniform rounding to L levels.
 
-The clip range c depends on L. DESIGN.md's c = 3 suits many levels, but at L = 4 it
-puts the outer levels at +-3 sigma and the thresholds at 0 and +-2 sigma: in a trained
+The clip range c depends on L. The original design's c = 3 (docs/ARCHITECTURE.md) suits
+many levels, but at L = 4 it puts the outer levels at +-3 sigma and the thresholds at 0 and +-2 sigma: in a trained
 2-bit model 97.5% of codes sat on the two middle levels (about 1.2 bits of the 2 sent),
 and by Chebyshev no token can put more than a quarter of its dims beyond 2 sigma. The
 default is the range of the uniform quantizer that is optimal for Gaussian values
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_SIGMAS = 3.0  # DESIGN.md's range; what checkpoints saved without `clip_sigmas` used
+CLIP_SIGMAS = 3.0  # the original range (docs/ARCHITECTURE.md); what checkpoints saved without `clip_sigmas` used
 EPS = 1e-6
 
 # Outer level of the Gaussian-optimal uniform quantizer, in sigmas, by log2(L).

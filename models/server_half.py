@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeqtl.errors import EdgeqtlError
+
 from .split import LlavaParts, ServerHalf, SplitConfig
 
 WEIGHTS = "server_half.safetensors"
 META = "edgeqtl_server.json"
 
 
-class ServerHalfError(ValueError):
+class ServerHalfError(EdgeqtlError, ValueError):
     """A server-half directory that is missing or incomplete."""
 
 

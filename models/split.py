@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeqtl.errors import EdgeqtlError
+
 from .quantizer import QuantizerDecoder, QuantizerEncoder, dequantise
 
 WIRE_MODES = ("fsq", "fp16", "identity")
 SPLIT_CONFIG_FILE = "edgeqtl_split.json"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(EdgeqtlError, ValueError):
     """The checkpoint or config cannot be split; the message says what is missing."""
 
 
@@ -47,15 +49,15 @@ class SplitConfig:
 
     def __post_init__(self):
         if self.quantizer not in WIRE_MODES:
-            raise ValueError(f"quantizer must be one of {WIRE_MODES}, got {self.quantizer!r}")
+            raise UnsupportedModelError(f"quantizer must be one of {WIRE_MODES}, got {self.quantizer!r}")
         if self.quantizer == "fsq" and not 2 <= self.levels <= 256:
-            raise ValueError(f"levels must be in [2, 256], got {self.levels}")
+            raise UnsupportedModelError(f"levels must be in [2, 256], got {self.levels}")
         if self.clip_sigmas is None and self.quantizer == "fsq":
             from .quantizer import default_clip_sigmas
 
             self.clip_sigmas = default_clip_sigmas(self.levels)
         if self.clip_sigmas is not None and not 0 < self.clip_sigmas <= 10:
-            raise ValueError(f"clip_sigmas must be in (0, 10], got {self.clip_sigmas}")
+            raise UnsupportedModelError(f"clip_sigmas must be in (0, 10], got {self.clip_sigmas}")
 
     @property
     def bits_per_symbol(self) -> float:
@@ -236,11 +238,6 @@ class ClientHalf(nn.Module):
             return ClientOutput(h.to(torch.float16), h)
         return ClientOutput(h, h)
 
-    def check_inputs(self, input_ids: torch.Tensor, n_image_tokens: int) -> None:
-        counts = (input_ids == self.image_token_id).sum(-1)
-        if not bool((counts == n_image_tokens).all()):
-            raise ValueError(f"each prompt needs exactly {n_image_tokens} image tokens, got {counts.tolist()}")
-
 
 class ServerHalf(nn.Module):
     def __init__(self, parts: LlavaParts, split: SplitConfig, decoder_q: QuantizerDecoder | None):
@@ -275,7 +272,7 @@ class SplitModel:
         self.parts = llava_parts(llava)
         n_layers = len(self.parts.decoder.layers)
         if not 0 <= split.cut < n_layers:
-            raise ValueError(f"cut must be in [0, {n_layers - 1}] for a model with {n_layers} decoder layers, got {split.cut}")
+            raise UnsupportedModelError(f"cut must be in [0, {n_layers - 1}] for a model with {n_layers} decoder layers, got {split.cut}")
         hidden = self.parts.decoder.config.hidden_size
         if split.code_dim is None:
             split = dataclasses.replace(split, code_dim=hidden)
@@ -333,24 +330,6 @@ def _has_cls(vision_config) -> bool:
 # --------------------------------------------------------------------------- save / load
 
 QUANTIZER_FILE = "quantizer.safetensors"
-
-
-def save_split_model(model: SplitModel, directory: str | Path, extra: dict | None = None) -> Path:
-    """Directory = HF Llava checkpoint (config.json + safetensors) + quantizer + split config."""
-    from safetensors.torch import save_file
-
-    from .hf import quiet_transformers
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    quiet_transformers()
-    model.llava.save_pretrained(directory, safe_serialization=True)
-    q = model.quantizer_state()
-    if q:
-        save_file({k: v.contiguous() for k, v in q.items()}, str(directory / QUANTIZER_FILE))
-    meta = {"split": model.split.to_dict(), **(extra or {})}
-    (directory / SPLIT_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return directory
 
 
 def fingerprint(model: SplitModel) -> str:

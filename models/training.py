@@ -29,9 +29,12 @@ from torch import nn
 from edgeqtl import shapes
 from edgeqtl.codec import packed_nbytes
 from edgeqtl.imageproc import ImageSpec, preprocess
+from edgeqtl.wire import IGNORE_LABEL
 
+from .checkpoint import save_checkpoint
 from .quantizer import commitment_loss, dequantise
-from .split import SplitModel, save_split_model
+from .split import SplitModel
+from .steps import adamw, client_backward, lr_at, server_step
 
 
 @dataclasses.dataclass
@@ -67,7 +70,7 @@ class Batch:
     pixel_values: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor  # -100 where no loss
+    labels: torch.Tensor  # IGNORE_LABEL where no loss
     samples: list
 
 
@@ -86,7 +89,7 @@ class ShapesCollator:
         seqs, labels = [], []
         for s, e in zip(samples, enc_p):
             ids = list(e.ids)
-            lab = [-100] * len(ids)
+            lab = [IGNORE_LABEL] * len(ids)
             if with_answer:
                 ans = self.tok.encode(f"{s.answer} {shapes.EOS_TOKEN}", add_special_tokens=False).ids
                 ids += ans
@@ -96,7 +99,7 @@ class ShapesCollator:
         T = max(map(len, seqs))
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
+        lab = torch.full((len(seqs), T), IGNORE_LABEL, dtype=torch.long)
         for i, (s, l) in enumerate(zip(seqs, labels)):
             ids[i, T - len(s):] = torch.tensor(s)
             mask[i, T - len(s):] = 1
@@ -171,29 +174,14 @@ def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_i
 
 
 def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
-    """One forward/backward through the wire path. Leaves gradients in both halves."""
+    """One forward/backward through the wire path, as split training takes it
+    (models.steps): the server sees only the wire tensor and the attention mask, the
+    client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    # --- server: sees only the wire tensor and the attention mask
-    values = model.server.receive(out.wire).detach().requires_grad_(True)
-    logits = model.server.forward_values(values, batch.attention_mask)
-    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
-                                ignore_index=-100, reduction="none").view(logits.shape[0], -1)
-    n_targets = (batch.labels[:, 1:] != -100).sum()
-    loss = per_token.sum() / n_targets
-    loss.backward()
-    grad = values.grad  # what the server sends back
-    # --- client: straight-through estimator, d(loss)/d(normalised values) := grad
-    client_obj = (out.values * grad.to(out.values.dtype)).sum()
-    commit = torch.zeros(())
-    if model.split.quantizer == "fsq" and commitment > 0:
-        commit = commitment_loss(out.values, model.split.levels)
-        client_obj = client_obj + commitment * commit
-        commit = commit.detach()
-    if client_aux is not None:  # a loss the client computes on its own output (the probe)
-        client_obj = client_obj + client_aux(out)
-    client_obj.backward()
-    per_sample = (per_token.detach().sum(1) / (batch.labels[:, 1:] != -100).sum(1).clamp(min=1)).tolist()
-    return {"loss": loss.item(), "commit": commit.item(), "per_sample": per_sample}
+    step = server_step(model.server, model.server.receive(out.wire), batch.labels, batch.attention_mask)
+    aux = client_aux(out) if client_aux is not None else None  # a loss the client computes on its own output
+    commit = client_backward(out, step.grad, model.split, commitment, aux)
+    return {"loss": step.loss, "commit": commit, "per_sample": step.per_sample}
 
 
 class FamilySampler:
@@ -230,13 +218,6 @@ def max_objects_at(step: int, cfg: TrainConfig) -> int:
     if step >= cfg.curriculum_steps:
         return full
     return 1 + (full * step) // cfg.curriculum_steps
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -307,13 +288,6 @@ def evaluate(model: SplitModel, collate: ShapesCollator, samples, batch_size: in
 # --------------------------------------------------------------------------- the loop
 
 
-def _adamw(params, lr, wd):
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98))
-
-
 def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | None = None,
           progress: bool = True, log=print, heldout=None) -> list[dict]:
     """Train both halves on the shapes stream. Returns the per-step log."""
@@ -337,7 +311,7 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
     # wire values, to put each object's colour and shape into its image tokens' codes.
     if cfg.vision_steps > 0:
         params = list(model.client.parameters()) + list(probe.parameters())
-        opt = _adamw(params, cfg.vision_lr, cfg.weight_decay)
+        opt = adamw(params, cfg.vision_lr, cfg.weight_decay)
         bar = tqdm(range(cfg.vision_steps), desc="stage 1 align", disable=not progress, dynamic_ncols=True)
         for step in bar:
             batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, stream=3))  # a stream of its own
@@ -355,7 +329,7 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
 
     # ---- stage 2: end to end through the wire path
     params = list(model.parameters()) + list(probe.parameters())
-    opt = _adamw(params, cfg.lr, cfg.weight_decay)
+    opt = adamw(params, cfg.lr, cfg.weight_decay)
     t0 = time.time()
     sampler = FamilySampler()
     bar = tqdm(range(cfg.steps), desc="stage 2 split", disable=not progress, dynamic_ncols=True)
@@ -390,9 +364,3 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
 def image_spec_of(model: SplitModel) -> ImageSpec:
     vc = model.llava.config.vision_config
     return ImageSpec(size=vc.image_size)
-
-
-def save_checkpoint(model: SplitModel, out_dir, cfg: TrainConfig, step: int) -> Path:
-    out = save_split_model(model, out_dir, extra={"train": dataclasses.asdict(cfg), "step": step})
-    shapes.save_tokenizer(out, model.num_image_tokens)
-    return out

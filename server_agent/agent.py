@@ -3,14 +3,11 @@ Several agents on one broker split the fleet's requests between them."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from edgeqtl.transport import DEFAULT_GROUP, BrokerConfig, Responder
 
 from .engine import GenerationEngine
-
-log = logging.getLogger("edgeqtl.server")
 
 
 def load_engine(server_half: str | Path, max_new_tokens: int = 8, device: str = "cpu") -> GenerationEngine:

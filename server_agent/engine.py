@@ -27,17 +27,12 @@ import time
 import numpy as np
 import torch
 
-from edgeqtl.wire import Codec, Frame, FrameKind, ProtocolError, json_frame
-from edgeqtl.codec import CodecError, EntropyModel
+from edgeqtl.codec import EntropyModel
+from edgeqtl.errors import CodedError
+from edgeqtl.wire import Codec, Frame, FrameKind, ProtocolError, error_frame, json_frame
 from edgeqtl.models.split import KVCache
 
 log = logging.getLogger("edgeqtl.server")
-
-
-class RequestError(ValueError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -74,23 +69,23 @@ class GenerationEngine:
         if s.quantizer == "fsq":
             accepted = (Codec.CODES, Codec.CODES_RANS) if self.entropy is not None else (Codec.CODES,)
             if frame.codec not in accepted or frame.levels != s.levels:
-                raise RequestError("bad_codec", f"expected {s.levels}-level codes "
+                raise CodedError("bad_codec", f"expected {s.levels}-level codes "
                                                 f"({' or '.join(c.name for c in accepted)}), got {frame.codec.name} "
                                                 f"with {frame.levels} levels")
         elif frame.codec != Codec.FLOAT16:
-            raise RequestError("bad_codec", f"expected FLOAT16 hidden states, got {frame.codec.name}")
+            raise CodedError("bad_codec", f"expected FLOAT16 hidden states, got {frame.codec.name}")
         width = s.code_dim if s.quantizer == "fsq" else self.bundle.meta["hidden_size"]
         if len(frame.shape) != 3 or frame.shape[0] != 1 or frame.shape[2] != width:
-            raise RequestError("bad_shape", f"expected codes of shape (1, tokens, {width}), got {list(frame.shape)}")
+            raise CodedError("bad_shape", f"expected codes of shape (1, tokens, {width}), got {list(frame.shape)}")
         if expect_tokens is not None and frame.shape[1] != expect_tokens:
-            raise RequestError("bad_shape", f"a decode step carries {expect_tokens} token, got {frame.shape[1]}")
+            raise CodedError("bad_shape", f"a decode step carries {expect_tokens} token, got {frame.shape[1]}")
         if frame.shape[1] > self.max_context:
-            raise RequestError("prompt_too_long", f"prompt of {frame.shape[1]} tokens exceeds the server's context "
+            raise CodedError("prompt_too_long", f"prompt of {frame.shape[1]} tokens exceeds the server's context "
                                                   f"of {self.max_context}")
         try:
             arr = frame.array(self.entropy)
-        except (CodecError, ProtocolError) as e:
-            raise RequestError("bad_codes", str(e)) from None
+        except ProtocolError as e:
+            raise CodedError("bad_codes", str(e)) from None
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
 
     # ---------------------------------------------------------------- frames
@@ -108,7 +103,7 @@ class GenerationEngine:
             try:
                 prefills_or_decodes = self._admit(frame)
                 (prefills if frame.kind == FrameKind.INFER_REQUEST else decodes).append((i, *prefills_or_decodes))
-            except RequestError as e:
+            except CodedError as e:
                 replies[i] = self._error(frame, e)
         for group, run in ((prefills, self._prefill), (decodes, self._decode)):
             if not group:
@@ -125,13 +120,13 @@ class GenerationEngine:
                     try:
                         replies[item[0]] = run([item])[0]
                     except Exception as e:  # noqa: BLE001 - reported to that device only
-                        replies[item[0]] = self._error(item[1], RequestError("server_error", f"{type(e).__name__}: {e}"))
+                        replies[item[0]] = self._error(item[1], CodedError("server_error", f"{type(e).__name__}: {e}"))
         return replies
 
     def _admit(self, frame: Frame) -> tuple:
         """Validate one request -> (frame, wire tensor[, session])."""
         if frame.fingerprint != self.bundle.fingerprint_bytes:
-            raise RequestError("fingerprint_mismatch",
+            raise CodedError("fingerprint_mismatch",
                                f"bundle fingerprint {frame.fingerprint.hex()} does not match this server's "
                                f"{self.bundle.fingerprint_bytes.hex()}: export the device bundle and the server "
                                "half together and deploy both")
@@ -141,17 +136,16 @@ class GenerationEngine:
             with self._lock:
                 session = self.sessions.get((frame.device_id, frame.request_id))
             if session is None:
-                raise RequestError("unknown_session", "no open generation for this request (expired or never "
+                raise CodedError("unknown_session", "no open generation for this request (expired or never "
                                                       "started); send the prompt again")
             if frame.step != session.step:
-                raise RequestError("bad_step", f"expected decode step {session.step}, got {frame.step}")
+                raise CodedError("bad_step", f"expected decode step {session.step}, got {frame.step}")
             return frame, self.wire_tensor(frame, expect_tokens=1), session
-        raise RequestError("bad_kind", f"a server agent takes INFER_REQUEST and DECODE_STEP, not {frame.kind.name}")
+        raise CodedError("bad_kind", f"a server agent takes INFER_REQUEST and DECODE_STEP, not {frame.kind.name}")
 
     @staticmethod
-    def _error(frame: Frame, e: RequestError) -> Frame:
-        return json_frame(FrameKind.ERROR, {"code": e.code, "message": str(e)}, request_id=frame.request_id,
-                          fingerprint=frame.fingerprint, step=frame.step)
+    def _error(frame: Frame, e: CodedError) -> Frame:
+        return error_frame(e, **frame.reply_fields())
 
     # ---------------------------------------------------------------- model steps
     @torch.no_grad()
@@ -166,7 +160,7 @@ class GenerationEngine:
     def _answer(self, frame: Frame, session: Session) -> Frame:
         ids = [t for t in session.tokens if t != self.eos]
         return json_frame(FrameKind.ANSWER, {"text": self.tok.decode(ids), "tokens": len(ids), "token_ids": ids},
-                          request_id=frame.request_id, fingerprint=frame.fingerprint, step=frame.step)
+                          **frame.reply_fields())
 
     def _prefill(self, group: list[tuple]) -> list[Frame]:
         frames, wires = [g[1] for g in group], [g[2] for g in group]
@@ -243,8 +237,7 @@ class GenerationEngine:
         body = {"token_id": session.tokens[-1], "step": session.step}
         if self.server_id:
             body["server"] = self.server_id
-        return json_frame(FrameKind.NEXT_TOKEN, body,
-                          request_id=frame.request_id, fingerprint=frame.fingerprint, step=frame.step)
+        return json_frame(FrameKind.NEXT_TOKEN, body, **frame.reply_fields())
 
     def _expire(self) -> None:
         now = time.time()

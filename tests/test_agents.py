@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edgeqtl import shapes
-from edgeqtl.device_agent.client import DeviceClient, ServerError
+from edgeqtl.device_agent.client import DeviceClient
+from edgeqtl.errors import RemoteError
 from edgeqtl.export.bundle import ExportOptions, export_bundle
 from edgeqtl.imageproc import preprocess
 from edgeqtl.models.load import load_split_model
@@ -26,10 +27,10 @@ MAX_NEW = 3
 @pytest.fixture(scope="module", params=[0, 2], ids=["cut0", "cut2"])
 def exported(request, tmp_path_factory):
     from edgeqtl.models.presets import build_tiny
-    from edgeqtl.models.training import TrainConfig, save_checkpoint
+    from edgeqtl.models.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp(f"agents-cut{request.param}")
-    save_checkpoint(SplitModel(build_tiny(5), SplitConfig(cut=request.param, levels=4)), d / "model", TrainConfig(), 0)
+    save_checkpoint(SplitModel(build_tiny(5), SplitConfig(cut=request.param, levels=4)), d / "model")
     export_bundle(ExportOptions(d / "model", d / "bundle", verify=False), progress=None)
     return d / "model", d / "bundle"
 
@@ -121,7 +122,7 @@ def test_bad_requests_get_clear_errors_and_service_goes_on(exported, mosquitto):
             reply = t.request(frame, timeout=5)
             assert reply.kind == FrameKind.ERROR and reply.json()["code"] == code, reply.json()
         engine.max_context = 5
-        with pytest.raises(ServerError, match="prompt_too_long"):
+        with pytest.raises(RemoteError, match="prompt_too_long"):
             client.ask(t, s.image, s.question, timeout=5)
         engine.max_context = 2048
         assert isinstance(client.ask(t, s.image, s.question, timeout=5).text, str)
@@ -191,7 +192,7 @@ def test_two_server_agents_one_killed_every_request_answered_once(exported, mosq
     engine = load_engine(bundle / "server", max_new_tokens=MAX_NEW)
     client = DeviceClient(bundle)
     samples = shapes.heldout(4)  # 20 questions, 5 per device
-    cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "--server-half", str(bundle / "server"), "--broker",
+    cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "serve", "--server-half", str(bundle / "server"), "--broker",
            f"mqtt://127.0.0.1:{mosquitto.port}", "--max-new-tokens", str(MAX_NEW), "--threads", "1"]
     logs = [tmp_path / f"server{i}.log" for i in range(2)]
     procs = []

@@ -21,11 +21,11 @@ def tiny_dir(tmp_path_factory):
     """A tiny preset split model saved as `edgeqtl train` saves it (cut 2, 2 bits)."""
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitModel
-    from edgeqtl.models.training import save_checkpoint, TrainConfig
+    from edgeqtl.models.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("tiny")
     model = SplitModel(build_tiny(0), SplitConfig(cut=2, levels=4))
-    save_checkpoint(model, d, TrainConfig(), 0)
+    save_checkpoint(model, d)
     return d
 
 
@@ -52,9 +52,9 @@ def test_hf_architectures_export_and_verify(llava_checkpoint, cut, tmp_path):
 def test_tiny_at_cut_0_exports_and_verifies(tmp_path):
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitModel
-    from edgeqtl.models.training import TrainConfig, save_checkpoint
+    from edgeqtl.models.checkpoint import save_checkpoint
 
-    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=3)), tmp_path / "m", TrainConfig(), 0)
+    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=3)), tmp_path / "m")
     res = _export(tmp_path / "m", tmp_path / "b")
     assert res.manifest.cut == 0 and res.manifest.levels == 3
     assert [g.role for g in res.manifest.graphs] == ["prefill", "prefill"]

@@ -67,7 +67,7 @@ def test_straight_through_gradient_reaches_the_client():
 
 def test_save_and_load_keeps_weights_and_split(tmp_path):
     from edgeqtl.models.presets import build_tiny
-    from edgeqtl.models.split import save_split_model
+    from edgeqtl.models.checkpoint import save_split_model
 
     model = SplitModel(build_tiny(1), SplitConfig(cut=2, levels=3))
     with torch.no_grad():
@@ -111,13 +111,14 @@ def test_clear_error_for_cut_out_of_range(llava_checkpoint):
 
 
 def test_clip_range_matches_the_levels_and_old_checkpoints_keep_theirs(tmp_path):
-    """At 4 levels DESIGN.md's 3-sigma range leaves the outer levels nearly unused (only
+    """At 4 levels the original 3-sigma range leaves the outer levels nearly unused (only
     values beyond 2 sigma reach them); the default range uses all four."""
     import json
 
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.quantizer import CLIP_SIGMAS, QuantizerEncoder, default_clip_sigmas
-    from edgeqtl.models.split import SPLIT_CONFIG_FILE, save_split_model
+    from edgeqtl.models.checkpoint import save_split_model
+    from edgeqtl.models.split import SPLIT_CONFIG_FILE
 
     assert default_clip_sigmas(2) == CLIP_SIGMAS and default_clip_sigmas(4) == pytest.approx(1.49)
     assert default_clip_sigmas(256) == CLIP_SIGMAS

@@ -14,8 +14,12 @@ import torch
 from edgeqtl import shapes
 from edgeqtl.models.load import load_split_model
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
-from edgeqtl.models.split_training import (DeviceTrainer, LocalLink, ServerTrainer, SplitTrainConfig, family_mix,
-                                           run_device)
+from edgeqtl.device_agent.links import LocalLink, RetryingLink
+from edgeqtl.device_agent.training import DeviceTrainer, run_device
+from edgeqtl.errors import CodedError
+from edgeqtl.models.steps import SplitTrainConfig
+from edgeqtl.server_agent.training import TrainingService
+from edgeqtl.shapes import family_mix
 from edgeqtl.wire import FrameKind
 
 CFG = SplitTrainConfig(steps=6, batch_size=8, checkpoint_every=2, warmup=2)
@@ -24,20 +28,25 @@ CFG = SplitTrainConfig(steps=6, batch_size=8, checkpoint_every=2, warmup=2)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from edgeqtl.models.presets import build_tiny
-    from edgeqtl.models.training import TrainConfig, save_checkpoint
+    from edgeqtl.models.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("split-train") / "model"
-    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=4)), d, TrainConfig(), 0)
+    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=4)), d)
     return d
 
 
 def _sides(model_dir, cfg, n=2, state=None, alpha=None):
     server_model = load_split_model(model_dir)
     fp = bytes.fromhex(fingerprint(server_model))[:16]
-    server = ServerTrainer(server_model, cfg, state_dir=state, num_devices=n, fingerprint=fp)
+    server = TrainingService(server_model, cfg, state_dir=state, num_devices=n, fingerprint=fp)
     devices = [DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(), cfg, f"dev{i}", i, n, alpha,
                              state_dir=state, fingerprint=fp) for i in range(n)]
     return server, devices
+
+
+def _applied(service) -> dict:
+    """device -> (last step applied, steps applied): equal when each step was applied once."""
+    return {d: (ledger.step, ledger.applied) for d, ledger in service.ledgers.items()}
 
 
 def test_two_devices_train_in_process_and_loss_falls(model_dir):
@@ -59,7 +68,7 @@ def test_two_devices_train_in_process_and_loss_falls(model_dir):
         # 8-bit gradients with a float32 scale per 128-value row (132/256 of fp16), headers included
         assert d.bytes_down < 0.55 * d.fp16_down
         assert d.bytes_up < 0.2 * d.fp16_up  # 2-bit codes
-    assert server.applied == {d.device_id: list(range(1, cfg.steps + 1)) for d in devices}
+    assert _applied(server) == {d.device_id: (cfg.steps, cfg.steps) for d in devices}
 
 
 def test_only_the_chosen_client_parts_train(model_dir):
@@ -68,7 +77,7 @@ def test_only_the_chosen_client_parts_train(model_dir):
     run_device(dev, LocalLink(server))
     changed = {n.split(".")[0] for n, p in dev.client.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"projector", "encoder"}
-    with pytest.raises(ValueError, match="unknown trainable"):
+    with pytest.raises(CodedError, match="unknown trainable"):
         DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(),
                       dataclasses.replace(CFG, trainable=("lm_head",)), "x")
 
@@ -109,7 +118,7 @@ def test_server_refuses_gaps_and_answers_repeats_from_its_record(model_dir):
     first = server.handle(frame)
     assert first.kind == FrameKind.GRADIENT
     again = server.handle(frame)  # a retry: same gradient, not a second update
-    assert again.parts()[0].payload == first.parts()[0].payload and server.applied["dev0"] == [1]
+    assert again.parts()[0].payload == first.parts()[0].payload and _applied(server) == {"dev0": (1, 1)}
     gap, _, _ = dev.request(3)
     err = server.handle(gap)
     assert err.kind == FrameKind.ERROR and err.json()["code"] == "step_gap"
@@ -137,7 +146,7 @@ def test_device_restarted_from_its_checkpoint_replays_without_double_updates(mod
     assert np.allclose(crashed.flat_weights(), reference, atol=1e-6)
     run_device(crashed, link)
     server.close()
-    assert server.applied["dev0"] == [1, 2, 3, 4, 5, 6]
+    assert _applied(server) == {"dev0": (6, 6)}
 
 
 def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, tmp_path):
@@ -151,7 +160,7 @@ def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, t
 
     cfg = dataclasses.replace(CFG, steps=24, checkpoint_every=5)
     state = tmp_path / "server-state"
-    cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "--train", "--model", str(model_dir), "--broker",
+    cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "train", "--model", str(model_dir), "--broker",
            f"mqtt://127.0.0.1:{mosquitto.port}", "--state-dir", str(state), "--devices", "2", "--steps",
            str(cfg.steps), "--batch-size", str(cfg.batch_size), "--checkpoint-every", "5", "--threads", "1"]
 
@@ -172,7 +181,7 @@ def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, t
     def device(d):
         try:
             with RequestClient(BrokerConfig(port=mosquitto.port), d.device_id) as t:
-                run_device(d, _Retrying(t), on_step=lambda *_: progress.release())
+                run_device(d, RetryingLink(t, timeout=3, retries=40), on_step=lambda *_: progress.release())
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -197,17 +206,8 @@ def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, t
     assert first.returncode == -9
     assert [d.step for d in devices] == [cfg.steps, cfg.steps]
     meta = json.loads((state / "server.json").read_text())  # saved on a clean stop
-    assert meta["applied"] == {d.device_id: list(range(1, cfg.steps + 1)) for d in devices}
-
-
-class _Retrying:
-    """The device side of a link over MQTT: a step waits out a server restart."""
-
-    def __init__(self, transport):
-        self.t = transport
-
-    def request(self, frame):
-        return self.t.request(frame, timeout=3, retries=40)
+    # every step of each device applied exactly once: as many applied as the last step
+    assert meta["devices"] == {d.device_id: {"step": cfg.steps, "applied": cfg.steps} for d in devices}
 
 
 def test_merged_result_exports(model_dir, tmp_path):

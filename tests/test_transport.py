@@ -10,7 +10,7 @@ import pytest
 
 from edgeqtl.broker import MosquittoBroker, free_port
 from edgeqtl.transport import (BrokerConfig, BrokerUnavailable, Message, MqttEndpoint, PayloadTooLarge,
-                               RequestClient, Responder, one_by_one, reply_topic, request_topic)
+                               RequestClient, Responder, TransportError, one_by_one, reply_topic, request_topic)
 from edgeqtl.wire import FrameKind, codes_frame, decode_frame, encode_frame, json_frame, new_request_id
 
 FP = bytes(16)
@@ -135,7 +135,7 @@ def test_broker_url_parsing():
     c = BrokerConfig.from_url("mqtts://alice:s%40cret@broker.lan?protocol=3.1.1", ca_file="/etc/ca.pem")
     assert (c.host, c.port, c.tls, c.username, c.password, c.protocol, c.ca_file) == \
         ("broker.lan", 8883, True, "alice", "s@cret", 311, "/etc/ca.pem")
-    with pytest.raises(ValueError, match="mqtt://"):
+    with pytest.raises(TransportError, match="mqtt://"):
         BrokerConfig.from_url("http://x")
 
 

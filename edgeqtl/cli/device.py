@@ -1,0 +1,178 @@
+"""Commands on the device: ask a question, run unattended (both torch-free), and split
+training (the twin of `server train`; it needs torch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import (UserError, broker_config, broker_options, default_device_id, device_id_option, set_threads,
+                     split_train_options, user_errors)
+
+
+@click.group()
+def device():
+    """The device agent (no torch): ask questions with a bundle over MQTT; split training."""
+
+
+def _variant_option(fn):
+    return click.option("--variant", type=click.Choice(["fp32", "int8", "fp16"]), default=None,
+                        help="Which client graph (default: the bundle's first).")(fn)
+
+
+@device.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An exported bundle directory.")
+@broker_options
+@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--prompt", required=True, help="The question about the image.")
+@device_id_option
+@_variant_option
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
+@user_errors
+def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_id, variant, timeout):
+    """Ask one question about one image; prints the answer, latency and bytes sent.
+
+    \b
+    Example:
+      edgeqtl device ask --bundle bundles/pi --broker mqtt://broker.lan \\
+          --image photo.png --prompt "what color is the circle ?"
+    """
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.transport import RequestClient
+
+    client = DeviceClient(bundle, variant)
+    with RequestClient(broker_config(broker_url, ca_file, cert_file, key_file), default_device_id(device_id)) as t:
+        a = client.ask(t, image, prompt, timeout=timeout)
+    click.echo(a.text)
+    click.echo(f"latency {1e3 * a.latency_s:.1f} ms, {a.round_trips} round trip(s), sent {a.bytes_up} B "
+               f"(16-bit hidden states: {a.bytes_up_fp16} B, {100 * (1 - a.bytes_up / a.bytes_up_fp16):.1f}% saved)",
+               err=True)
+
+
+@device.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An exported bundle directory.")
+@broker_options
+@click.option("--jobs", type=click.File("r"), default="-", show_default=True,
+              help="A JSON-lines file of jobs ('-': standard input).")
+@click.option("--watch", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Instead of --jobs: answer every *.jsonl dropped into this folder (answers/ and done/ beside).")
+@click.option("--out", type=click.File("a"), default="-", show_default=True,
+              help="Where answers go as JSON lines with --jobs ('-': standard output).")
+@device_id_option
+@_variant_option
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
+@click.option("--give-up", type=float, default=None,
+              help="Seconds a job may wait for the broker and a server before it gets an error line "
+                   "(default: wait for ever).")
+@user_errors
+def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, device_id, variant, timeout, give_up):
+    """Run the device agent unattended: jobs in, answers out, as JSON lines.
+
+    A job is {"id": ..., "image": PATH, "prompt": TEXT}; each gets one answer line
+    {"id": ..., "answer": ..., "latency_ms": ..., "bytes_up": ...} or {"id": ..., "error": ...}.
+    Broker restarts are ridden out: jobs wait and retry, nothing is lost.
+
+    \b
+    Examples:
+      edgeqtl device run --bundle bundles/pi --broker mqtts://broker.lan --ca-file ca.crt < jobs.jsonl
+      edgeqtl device run --bundle bundles/pi --broker mqtt://broker.lan --watch /var/lib/edgeqtl/inbox
+    """
+    import logging
+
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.device_agent.runner import DeviceRunner, connect
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = DeviceClient(bundle, variant)
+    dev_id = default_device_id(device_id)
+    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    runner = DeviceRunner(client, transport, timeout=timeout, give_up_s=give_up)
+    click.echo(f"device agent {dev_id} on {transport.endpoint.cfg.describe()} with {bundle}", err=True)
+    try:
+        if watch is not None:
+            for done in runner.watch(watch):
+                click.echo(f"answered {done.name} -> {watch / 'answers' / done.name}", err=True)
+        else:
+            base = Path.cwd() if jobs.name == "<stdin>" else Path(jobs.name).parent  # relative image paths
+            runner.run_lines(jobs, out, base, "job")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.stop()
+
+
+@device.command(name="train")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="The split model both sides start from (the server gets the same with --model).")
+@broker_options
+@device_id_option
+@click.option("--index", "device_index", type=int, default=0, show_default=True,
+              help="This device's shard number, 0 <= index < --devices.")
+@click.option("--devices", "num_devices", type=int, default=1, show_default=True)
+@click.option("--shard", default="iid", show_default=True,
+              help="'iid', or 'dirichlet:ALPHA' for a non-IID family mix (smaller alpha: more skewed).")
+@click.option("--trainable", default="projector,encoder", show_default=True,
+              help="Client parts that train, from: projector, encoder, vision_tower, layers, embed_tokens.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per try of a step.")
+@split_train_options
+@user_errors
+def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id, device_index, num_devices, shard,
+                 trainable, timeout, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
+    """Split training, the device's side: its images never leave it; codes go up,
+    compressed gradients come back. Needs torch (autograd); inference on the device does not.
+
+    \b
+    Example (two devices, non-IID, against `edgeqtl server train ... --devices 2`):
+      edgeqtl device train --model runs/tiny-2bit --index 0 --devices 2 --shard dirichlet:0.5 \\
+          --broker mqtt://broker.lan --state-dir runs/dev0
+    """
+    from tqdm import tqdm
+
+    from edgeqtl import shapes
+    from edgeqtl.device_agent.links import RetryingLink
+    from edgeqtl.device_agent.runner import connect
+    from edgeqtl.device_agent.training import DeviceTrainer, run_device
+    from edgeqtl.models.load import load_split_model
+    from edgeqtl.models.split import fingerprint
+    from edgeqtl.models.steps import SplitTrainConfig
+
+    set_threads(threads)
+    if not 0 <= device_index < num_devices:
+        raise UserError(f"--index must be in [0, {num_devices - 1}]")
+    alpha = _dirichlet_alpha(shard)
+    model = load_split_model(model_dir)
+    dev_id = default_device_id(device_id)
+    tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                            fedavg_every=fedavg_every, trainable=tuple(t.strip() for t in trainable.split(",")))
+    trainer = DeviceTrainer(model, shapes.build_tokenizer(), tcfg, dev_id, device_index, num_devices, alpha,
+                            state_dir, bytes.fromhex(fingerprint(model))[:16])
+    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    bar = tqdm(total=steps, initial=trainer.step, desc=f"split train {dev_id}", dynamic_ncols=True)
+
+    def on_step(t, info):
+        bar.update(1)
+        n = max(1, t.step)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", acc=f"{100 * info['token_accuracy']:.0f}%",
+                        up=f"{t.bytes_up / n / 1024:.1f}K", down=f"{t.bytes_down / n / 1024:.1f}K")
+
+    try:
+        run_device(trainer, RetryingLink(transport, timeout=timeout), on_step)
+    finally:
+        bar.close()
+        transport.stop()
+    n = max(1, trainer.step)
+    click.echo(f"trained {trainer.step} steps; per step up {trainer.bytes_up / n:,.0f} B (16-bit "
+               f"{trainer.fp16_up / n:,.0f} B, {100 * (1 - trainer.bytes_up / max(1, trainer.fp16_up)):.1f}% saved), "
+               f"down {trainer.bytes_down / n:,.0f} B (16-bit {trainer.fp16_down / n:,.0f} B, "
+               f"{100 * (1 - trainer.bytes_down / max(1, trainer.fp16_down)):.1f}% saved)")
+
+
+def _dirichlet_alpha(shard: str) -> float | None:
+    if shard == "iid":
+        return None
+    if shard.startswith("dirichlet:"):
+        try:
+            return float(shard.split(":", 1)[1])
+        except ValueError:
+            pass
+    raise UserError(f"--shard is 'iid' or 'dirichlet:ALPHA', got {shard!r}")
