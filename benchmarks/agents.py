@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from memory import peak_rss_mb
+from edgeqtl.memory import peak_rss_mb
 
 
 def export_models(model: Path | None, tmp: Path) -> dict[int, Path]:

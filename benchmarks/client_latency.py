@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import peak_rss_mb
+from edgeqtl.memory import peak_rss_mb
 
 
 def _inputs(manifest_dir: Path, batch: int):

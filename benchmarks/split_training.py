@@ -35,10 +35,12 @@ def start_model(path: Path, steps: int) -> Path:
     from edgeqtl import shapes
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitConfig, SplitModel
+    from edgeqtl.models.sources import WorldSource
     from edgeqtl.models.training import TrainConfig, train
 
     cfg = dataclasses.replace(TrainConfig(), steps=steps, curriculum_steps=min(600, steps // 3))
-    train(SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4)), shapes.build_tokenizer(), cfg, out_dir=path,
+    model = SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4))
+    train(model, WorldSource.for_model(model, cfg), cfg, out_dir=path,
           progress=False)
     return path
 
@@ -77,14 +79,17 @@ def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lock
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
     from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import DeviceTrainer, run_device
+    from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard, run_device
     from edgeqtl.server_agent.training import TrainingService
 
     base = load_split_model(model_dir)
     fp = bytes.fromhex(fingerprint(base))[:16]
     server = TrainingService(base, cfg, num_devices=2, fingerprint=fp)
-    devices = [DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(), cfg, f"bench-{name}-{i}", i, 2,
-                             None, fingerprint=fp) for i in range(2)]
+    devices = []
+    for i in range(2):
+        model = load_split_model(model_dir)
+        devices.append(DeviceTrainer(model, ShapesShard(model, shapes.build_tokenizer(), cfg, i, 2), cfg,
+                                     f"bench-{name}-{i}", fingerprint=fp))
     t0 = time.time()
     if port is None:
         link = LocalLink(server)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         if args.reuse and report_path.is_file() and timing_path.is_file():
             rep = {**json.loads(report_path.read_text()), **json.loads(timing_path.read_text())}
             results[name] = rep
-            print(f"[{name}] reused from {out}: mean {100 * rep['mean_accuracy']:.2f}%", flush=True)
+            print(f"[{name}] reused from {out}: mean {100 * rep['accuracy']:.2f}%", flush=True)
             continue
         cmd = [sys.executable, "-m", "edgeqtl.cli", "train", "--preset", "tiny", "--cut", str(args.cut),
                *RUNS[name], "--seed", str(args.seed), "--threads", str(args.threads), "--out", str(out), "--quiet"]
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         timing_path.write_text(json.dumps(timing))
         rep.update(timing)
         results[name] = rep
-        print(f"[{name}] mean {100 * rep['mean_accuracy']:.2f}%  train {train_s / 60:.1f} min, "
+        print(f"[{name}] mean {100 * rep['accuracy']:.2f}%  train {train_s / 60:.1f} min, "
               f"train+eval {total_s / 60:.1f} min", flush=True)
 
     print_table(results, args)
@@ -80,17 +80,17 @@ def main(argv=None) -> int:
 
 
 def print_table(results: dict, args) -> None:
-    families = list(next(iter(results.values()))["accuracy"])
+    families = list(next(iter(results.values()))["per_category"])
     head = f"{'run':<8}" + "".join(f"{f:>10}" for f in families) + f"{'mean':>9}{'vs fp16':>9}{'B/sample':>10}{'saved':>8}{'min':>6}"
     print(f"\nshapes held-out accuracy, tiny preset, cut {args.cut}, seed {args.seed}, "
           f"{args.per_family} per family, {args.threads} threads")
     print(head)
-    base = results.get("fp16", {}).get("mean_accuracy")
+    base = results.get("fp16", {}).get("accuracy")
     for name, r in results.items():
-        acc = "".join(f"{100 * r['accuracy'][f]:>9.2f}%" for f in families)
-        delta = f"{100 * (r['mean_accuracy'] - base):+8.2f}" if base is not None else f"{'-':>8}"
+        acc = "".join(f"{100 * r['per_category'][f]['accuracy']:>9.2f}%" for f in families)
+        delta = f"{100 * (r['accuracy'] - base):+8.2f}" if base is not None else f"{'-':>8}"
         saved = 1 - r["wire_bytes_per_sample"] / r["fp16_bytes_per_sample"]
-        print(f"{name:<8}{acc}{100 * r['mean_accuracy']:>8.2f}%{delta} {r['wire_bytes_per_sample']:>9.0f}"
+        print(f"{name:<8}{acc}{100 * r['accuracy']:>8.2f}%{delta} {r['wire_bytes_per_sample']:>9.0f}"
               f"{100 * saved:>7.1f}%{r['total_s'] / 60:>6.1f}")
 
 
@@ -102,12 +102,12 @@ def plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is a convenience; the table is the result
         return
-    families = list(next(iter(results.values()))["accuracy"])
+    families = list(next(iter(results.values()))["per_category"])
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         xs = [j + i * width for j in range(len(families))]
-        ax.bar(xs, [100 * r["accuracy"][f] for f in families], width, label=f"{name} ({100 * r['mean_accuracy']:.1f}%)")
+        ax.bar(xs, [100 * r["per_category"][f]["accuracy"] for f in families], width, label=f"{name} ({100 * r['accuracy']:.1f}%)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, 100)

@@ -10,7 +10,6 @@ Pillow, tokenizers and paho-mqtt only.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -52,10 +51,6 @@ class DeviceClient:
                 raise BundleError(f"bundle {self.dir} is missing {g.file}; copy the whole bundle directory")
         self.prompts = PromptEncoder.from_bundle(self.dir, m.text)
         self.entropy = m.entropy_model if entropy else None
-        if self.entropy is not None and importlib.util.find_spec("constriction") is None:
-            log.warning("the bundle has an entropy model but constriction is not installed; sending plain "
-                        "packed codes (pip install constriction)")
-            self.entropy = None
         self.prefill = open_session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
         self.decode = open_session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
 

@@ -2,7 +2,9 @@
 leave it; its client half sends codes up and applies the compressed gradient that comes
 back. Needs torch (autograd), unlike device inference, which never imports this module.
 
-    DeviceTrainer   its shard, the client half, its optimizer and checkpoints
+    ShapesShard, RecordBatches   where its batches come from: a shard of the shapes
+                                 world, or its own data file
+    DeviceTrainer   the client half, its optimizer and checkpoints
     run_device      the loop: request -> link -> apply, fedavg rounds, checkpoints
 
 The server side and the exactly-once rules are in server_agent/training.py.
@@ -27,11 +29,44 @@ from edgeqtl.models.training import ShapesCollator, image_spec_of, max_objects_a
 TRAINABLE_CHOICES = ("projector", "encoder", "vision_tower", "layers", "embed_tokens")
 
 
-class DeviceTrainer:
-    """The device side: its shard, the client half, its optimizer and checkpoints."""
+class ShapesShard:
+    """Batches from this device's shard of the shapes world (tests and benchmarks): its
+    own image stream, a family mix that is IID or Dirichlet(alpha) across devices."""
 
-    def __init__(self, model, tokenizer, cfg: SplitTrainConfig, device_id: str, device_index: int = 0,
-                 num_devices: int = 1, alpha: float | None = None, state_dir: str | Path | None = None,
+    def __init__(self, model, tokenizer, cfg: SplitTrainConfig, device_index: int = 0, num_devices: int = 1,
+                 alpha: float | None = None):
+        self.collate = ShapesCollator(tokenizer, model.num_image_tokens, image_spec_of(model))
+        self.cfg, self.index = cfg, device_index
+        self.mix = shapes.family_mix(device_index, num_devices, alpha, cfg.seed)
+
+    def __call__(self, step: int):
+        cfg = self.cfg
+        return self.collate(shapes.shard_batch(cfg.seed, self.index, step, cfg.batch_size, self.mix,
+                                               max_objects_at(step, cfg)))
+
+
+class RecordBatches:
+    """Batches from the device's own data file (LLaVA records, edgeqtl.data): it never
+    leaves the device; the server sees codes, the mask and the answer tokens' ids."""
+
+    def __init__(self, collate, records, batch_size: int, seed: int = 0):
+        from edgeqtl.data import RecordLoader
+
+        self.collate = collate
+        self.loader = RecordLoader(records, batch_size, seed=seed)
+
+    def __call__(self, step: int):
+        from edgeqtl.models.batches import record_example
+
+        return self.collate([record_example(r, image) for r, image in self.loader.batch(step)])
+
+
+class DeviceTrainer:
+    """The device side: its data, the client half, its optimizer and checkpoints.
+    `batches(step) -> Batch` gives batch `step` (0-based) of the device's data: a
+    ShapesShard or RecordBatches (deterministic, so a restarted device replays exactly)."""
+
+    def __init__(self, model, batches, cfg: SplitTrainConfig, device_id: str, state_dir: str | Path | None = None,
                  fingerprint: bytes = bytes(16)):
         unknown = set(cfg.trainable) - set(TRAINABLE_CHOICES)
         if unknown:
@@ -41,9 +76,7 @@ class DeviceTrainer:
         self.client = model.client.train()
         self.cfg = cfg
         self.device_id = device_id
-        self.index = device_index
-        self.mix = shapes.family_mix(device_index, num_devices, alpha, cfg.seed)
-        self.collate = ShapesCollator(tokenizer, model.num_image_tokens, image_spec_of(model))
+        self.batches = batches
         for p in self.client.parameters():
             p.requires_grad_(False)
         self.names = [n for n, _ in self.client.named_parameters() if n.split(".")[0] in cfg.trainable]
@@ -63,14 +96,9 @@ class DeviceTrainer:
         if self.state_dir is not None:
             self._restore()
 
-    def _batch(self, step: int):
-        cfg = self.cfg
-        return self.collate(shapes.shard_batch(cfg.seed, self.index, step, cfg.batch_size, self.mix,
-                                               max_objects_at(step, cfg)))
-
     def request(self, step: int) -> tuple[Frame, object, object]:
         """The TRAIN_REQUEST of `step` (1-based), with what the update needs."""
-        batch = self._batch(step - 1)
+        batch = self.batches(step - 1)
         out = self.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
         if self.model.split.quantizer == "fsq":
             wire = codes_part(out.wire.numpy(), self.model.split.levels)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from .errors import EdgeqtlError
 from .imageproc import ImageSpec
+from .prompt import ChatFormat
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chat template as a ChatFormat (edgeqtl.prompt)
 TARGETS = ("cpu", "arm64", "jetson")
 
 
@@ -41,7 +42,7 @@ class GraphSpec:
 @dataclasses.dataclass
 class TextSpec:
     tokenizer_file: str
-    chat_template: str  # Python format string with {image} and {prompt}
+    chat: ChatFormat  # the checkpoint's chat template, reduced (edgeqtl.prompt)
     image_token: str
     image_token_id: int
     image_token_count: int
@@ -113,7 +114,7 @@ class BundleManifest:
                                   "Re-export it with this edgeqtl version")
             d = dict(d)
             d["image"] = ImageSpec.from_dict(d["image"])
-            d["text"] = TextSpec(**d["text"])
+            d["text"] = TextSpec(**{**d["text"], "chat": ChatFormat.from_dict(d["text"]["chat"])})
             d["graphs"] = [GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
                                         "outputs": [TensorSpec(**t) for t in g["outputs"]]}) for g in d["graphs"]]
             m = cls(**d)

@@ -30,6 +30,7 @@ def run_demo(workdir: Path, steps: int = 2000, questions: int = 100, retrain: bo
     from edgeqtl.device_agent.client import DeviceClient
     from edgeqtl.export.bundle import ExportOptions, export_bundle
     from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.sources import WorldSource
     from edgeqtl.models.split import SplitConfig, SplitModel
     from edgeqtl.models.training import TrainConfig
     from edgeqtl.models.training import train as run_training
@@ -45,8 +46,8 @@ def run_demo(workdir: Path, steps: int = 2000, questions: int = 100, retrain: bo
         base = TrainConfig()
         cfg = dataclasses.replace(base, steps=steps, curriculum_steps=min(base.curriculum_steps, steps // 3),
                                   vision_steps=min(base.vision_steps, steps // 5))
-        run_training(SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4)), shapes.build_tokenizer(), cfg,
-                     out_dir=model_dir)
+        model = SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4))
+        run_training(model, WorldSource.for_model(model, cfg), cfg, out_dir=model_dir)
     else:
         echo(f"1/4 using the trained model cached in {model_dir} (--retrain to train again)")
     if (bundle_dir / "manifest.json").is_file():

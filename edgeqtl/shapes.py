@@ -18,11 +18,13 @@ This module is torch-free: the device agent and the demo use it too.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .prompt import USER, ChatFormat, PromptEncoder
+from .vocab import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, UNK_TOKEN, prompt_encoder, word_tokenizer  # noqa: F401
 
 IMAGE_SIZE = 64
 GRID = 2  # 2x2 cells
@@ -43,11 +45,10 @@ CORNERS = {(0, 0): "northwest", (0, 1): "northeast", (1, 0): "southwest", (1, 1)
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 FAMILIES = ("colour", "shape", "count", "position", "relation")
 
-# Chat template: `{image}` becomes IMAGE_TOKEN repeated image_token_count times.
-CHAT_TEMPLATE = "user : {prompt} {image} assistant :"
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN, UNK_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "</s>"
-SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+# The question first, then the image: with causal attention the image tokens then see
+# the question (docs/TRAINING.md).
+CHAT = ChatFormat(user="user : {text}", assistant=" assistant :", answer=" {text} </s>", image_first=False,
+                  image_separator=" ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,40 +210,22 @@ def vocabulary() -> list[str]:
 
 def build_tokenizer():
     """A word-level `tokenizers.Tokenizer` for the tiny preset, built locally."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return word_tokenizer(vocabulary())
 
 
-CHAT_FILE = "edgeqtl_chat.json"  # not tokenizer_config.json: HF reads its chat_template as Jinja
+def prompts(image_token_count: int, tokenizer=None) -> PromptEncoder:
+    """The tiny preset's prompt encoder: this world's tokenizer and chat format."""
+    return prompt_encoder(tokenizer or build_tokenizer(), image_token_count, CHAT)
 
 
 def save_tokenizer(directory: str | Path, image_token_count: int) -> None:
     """Write tokenizer.json plus the chat settings beside it (edgeqtl_chat.json)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save(str(directory / "tokenizer.json"))
-    (directory / CHAT_FILE).write_text(json.dumps(chat_config(image_token_count), indent=2))
+    prompts(image_token_count).save(directory)
 
 
-def chat_config(image_token_count: int) -> dict:
-    return {
-        "chat_template": CHAT_TEMPLATE,
-        "image_token": IMAGE_TOKEN,
-        "image_token_count": image_token_count,
-        "pad_token": PAD_TOKEN,
-        "eos_token": EOS_TOKEN,
-    }
-
-
-def format_prompt(prompt: str, image_token_count: int, template: str = CHAT_TEMPLATE, image_token: str = IMAGE_TOKEN) -> str:
-    """Apply the chat template, expanding the image placeholder to its token count."""
-    return template.format(image=image_token * image_token_count, prompt=prompt)
+def format_prompt(prompt: str, image_token_count: int) -> str:
+    """The chat template applied to one question, the image placeholder expanded."""
+    return CHAT.render([(USER, prompt)], IMAGE_TOKEN * image_token_count)[0]
 
 
 def answer_word(text: str) -> str:

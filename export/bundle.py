@@ -22,7 +22,9 @@ import torch
 from edgeqtl import shapes
 from edgeqtl.bundle import TARGETS, BundleManifest, GraphSpec, TensorSpec, TextSpec
 from edgeqtl.imageproc import ImageSpec
+from edgeqtl.prompt import ChatFormat, load_chat
 from edgeqtl.models.load import CheckpointError, load_split_model, read_split_meta
+from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.server_half import save_server_half
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
@@ -71,12 +73,11 @@ def resolve_split(model_dir: Path, cut: int | None, levels: int | None) -> tuple
 
 
 def text_spec(model: SplitModel, model_dir: Path, tokenizer) -> TextSpec:
-    chat_path = model_dir / shapes.CHAT_FILE
     image_id = model.parts.image_token_id
-    if chat_path.is_file():
-        chat = json.loads(chat_path.read_text())
-    else:  # a plain HF checkpoint: the LLaVA-1.5 style template
-        chat = {"chat_template": "USER: {image}\n{prompt} ASSISTANT:", "image_token": tokenizer.id_to_token(image_id)}
+    chat = load_chat(model_dir)
+    if chat is None:  # a plain HF checkpoint: the LLaVA-1.5 style template
+        chat = {"chat": ChatFormat.from_template("USER: {image}\n{prompt} ASSISTANT:"),
+                "image_token": tokenizer.id_to_token(image_id)}
     if tokenizer.token_to_id(chat["image_token"]) != image_id:
         raise CheckpointError(f"the tokenizer maps {chat['image_token']!r} to {tokenizer.token_to_id(chat['image_token'])} "
                               f"but the model's image_token_index is {image_id}")
@@ -85,18 +86,8 @@ def text_spec(model: SplitModel, model_dir: Path, tokenizer) -> TextSpec:
     eos = eos if eos is not None else (text_cfg.eos_token_id if isinstance(text_cfg.eos_token_id, int) else 0)
     pad = tokenizer.token_to_id(chat.get("pad_token", "")) if chat.get("pad_token") else None
     pad = pad if pad is not None else (text_cfg.pad_token_id if text_cfg.pad_token_id is not None else eos)
-    return TextSpec("tokenizer.json", chat["chat_template"], chat["image_token"], image_id,
-                    model.num_image_tokens, int(eos), int(pad))
-
-
-def image_spec(model: SplitModel, model_dir: Path) -> ImageSpec:
-    pre = model_dir / "preprocessor_config.json"
-    size = model.llava.config.vision_config.image_size
-    if pre.is_file():  # a real checkpoint's processor settings
-        p = json.loads(pre.read_text())
-        return ImageSpec(size, tuple(p.get("image_mean", (0.5,) * 3)), tuple(p.get("image_std", (0.5,) * 3)),
-                         {2: "bilinear", 3: "bicubic", 0: "nearest", 1: "lanczos"}.get(p.get("resample", 3), "bicubic"))
-    return ImageSpec(size)
+    return TextSpec("tokenizer.json", chat["chat"], chat["image_token"], image_id, model.num_image_tokens, int(eos),
+                    int(pad))
 
 
 def _sha256(path: Path) -> str:
@@ -222,7 +213,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
         raise CheckpointError(f"{model_dir} has no tokenizer.json; the device needs it to tokenise prompts")
     tokenizer = Tokenizer.from_file(str(tok_path))
     text = text_spec(model, model_dir, tokenizer)
-    image = image_spec(model, model_dir)
+    image = image_spec_of(model)
     fp = fingerprint(model)
 
     if out.exists() and any(out.iterdir()):

@@ -92,7 +92,7 @@ def verify_bundle(model, bundle_dir, manifest, tokenizer, per_family: int = 100,
     """gate_accuracy=False: report accuracy but judge the codes only (an untrained model
     answers at chance, and 1 point of chance moves with a single question)."""
     samples = shapes.heldout(per_family)
-    enc = PromptEncoder(tokenizer, manifest.text)
+    enc = PromptEncoder.from_spec(tokenizer, manifest.text)
     answer_ids = [tokenizer.encode(s.answer, add_special_tokens=False).ids[:1] for s in samples]
     answer_ids = np.array([a[0] if a else -1 for a in answer_ids])
     prefill = [g for g in manifest.graphs if g.role == "prefill"]

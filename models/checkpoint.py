@@ -50,15 +50,17 @@ def save_split_model(model: SplitModel, directory: str | Path, extra: dict | Non
 
 
 def save_checkpoint(model: SplitModel, out_dir: str | Path, train_config=None, step: int = 0,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, prompts=None) -> Path:
     """A split model directory that `edgeqtl eval`, `export` and split training load.
     `train_config` (a dataclass) and `step` record the run that trained it; a model that
-    was never trained records none, so no one mistakes it for a trained one."""
+    was never trained records none, so no one mistakes it for a trained one. `prompts`
+    (an edgeqtl.prompt.PromptEncoder): the tokenizer and chat format saved beside it
+    (default: the shapes world's)."""
     extra = {"step": step, **(extra or {})}
     if train_config is not None:
         extra["train"] = dataclasses.asdict(train_config)
     out = save_split_model(model, out_dir, extra=extra)
-    shapes.save_tokenizer(out, model.num_image_tokens)
+    (prompts or shapes.prompts(model.num_image_tokens)).save(out)
     return out
 
 
@@ -127,7 +129,7 @@ def merge_trained(base_dir: str | Path, server_state: str | Path, device_state: 
     """One split model directory from a split-training run: the starting model, the
     server's trained trunk and one device's trained client parts (with fedavg, the
     devices' parts agree after the last round). `edgeqtl export` takes the result."""
-    from .load import CheckpointError, load_split_model
+    from .load import CheckpointError, load_prompts, load_split_model
 
     model = load_split_model(base_dir)
     server = load_state(Path(server_state) / SERVER_STATE)
@@ -143,4 +145,5 @@ def merge_trained(base_dir: str | Path, server_state: str | Path, device_state: 
     with torch.no_grad():
         for name in device[1]["names"]:
             params[name].copy_(device[0][f"client.{name}"])
-    return save_checkpoint(model, out_dir, step=device[1]["step"], extra={"split_training": True})
+    return save_checkpoint(model, out_dir, step=device[1]["step"], extra={"split_training": True},
+                           prompts=load_prompts(base_dir, model))

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from edgeqtl.errors import EdgeqtlError
+from edgeqtl.imageproc import ImageSpec
+from edgeqtl.prompt import ChatFormat, PromptEncoder, load_chat
 
 from .hf import quiet_transformers
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitConfig, SplitModel, UnsupportedModelError
@@ -71,10 +73,26 @@ def load_split_model(directory: str | Path, split: SplitConfig | None = None) ->
                                                                           or saved.code_dim)):
         split = dataclasses.replace(split, clip_sigmas=saved.clip_sigmas)  # the trained quantizer's own range
     model = SplitModel(llava, split)
+    model.image_spec = load_image_spec(directory, model)
     q_path = directory / QUANTIZER_FILE
     if saved is not None and q_path.is_file() and _same_quantizer(saved, model.split):
         model.load_quantizer_state(load_file(str(q_path)))
     return model
+
+
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbers, as HF configs write them
+
+
+def load_image_spec(directory: Path, model: SplitModel) -> ImageSpec:
+    """How the checkpoint's images are preprocessed: its preprocessor_config.json (size,
+    mean, std, resampling) when it has one, else the vision tower's size."""
+    size = model.llava.config.vision_config.image_size
+    pre = directory / "preprocessor_config.json"
+    if not pre.is_file():
+        return ImageSpec(size)
+    p = json.loads(pre.read_text())
+    return ImageSpec(size, tuple(p.get("image_mean", (0.5,) * 3)), tuple(p.get("image_std", (0.5,) * 3)),
+                     _RESAMPLE.get(p.get("resample", 3), "bicubic"))
 
 
 def _same_quantizer(a: SplitConfig, b: SplitConfig) -> bool:
@@ -86,4 +104,28 @@ def read_split_meta(directory: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-__all__ = ["CheckpointError", "UnsupportedModelError", "load_llava", "load_split_model", "read_split_meta"]
+# The LLaVA-1.5 template, for a plain Llava checkpoint that carries no chat settings of edgeqtl's.
+LLAVA_CHAT = ChatFormat.from_template("USER: {image}\n{prompt} ASSISTANT:")
+
+
+def load_prompts(directory: str | Path, model: SplitModel) -> PromptEncoder:
+    """The prompt encoder of a model directory: its tokenizer.json and chat settings
+    (edgeqtl_chat.json, written by `edgeqtl train`), or for a plain Llava checkpoint its
+    tokenizer with the LLaVA-1.5 template."""
+    from tokenizers import Tokenizer
+
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file():
+        raise CheckpointError(f"{directory} has no tokenizer.json; save the tokenizer beside the checkpoint")
+    if load_chat(directory) is not None:
+        return PromptEncoder.load(directory, model.num_image_tokens)
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    cfg = model.parts.decoder.config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+    return PromptEncoder(tok, LLAVA_CHAT, tok.id_to_token(model.parts.image_token_id), model.num_image_tokens, pad,
+                         eos)
+
+
+__all__ = ["CheckpointError", "UnsupportedModelError", "load_llava", "load_split_model", "read_split_meta",
+           "load_prompts"]

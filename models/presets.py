@@ -32,10 +32,12 @@ class TinyPreset:
     pos_init_std: float | None = None  # None: keep SigLIP's own init (docs/TRAINING.md, positions)
 
 
-def tiny_llava_config(p: TinyPreset = TinyPreset()):
+def tiny_llava_config(p: TinyPreset = TinyPreset(), vocab: list[str] | None = None):
+    """vocab: the word-level vocabulary (edgeqtl.vocab: special tokens first); default the
+    shapes world's."""
     from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
-    vocab = shapes.vocabulary()
+    vocab = vocab or shapes.vocabulary()
     vision = SiglipVisionConfig(
         hidden_size=p.vision_hidden, intermediate_size=p.vision_hidden * p.mlp_ratio,
         num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads,
@@ -53,11 +55,11 @@ def tiny_llava_config(p: TinyPreset = TinyPreset()):
         projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def build_tiny(seed: int = 0, preset: TinyPreset = TinyPreset()):
+def build_tiny(seed: int = 0, preset: TinyPreset = TinyPreset(), vocab: list[str] | None = None):
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = tiny_llava_config(preset)
+    cfg = tiny_llava_config(preset, vocab)
     cfg._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(cfg).eval()
     # SigLIP initialises position embeddings ~12x weaker than patch embeddings; through a

@@ -169,14 +169,23 @@ def cache_kwarg(layer_type: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def run_layers(decoder, layers, h, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+def run_layers(decoder, layers, h, attention_mask, cache: KVCache | None = None,
+               checkpointing: bool = False) -> torch.Tensor:
+    """checkpointing: keep only each layer's input for backward and recompute the rest
+    (a real-size trunk's activations would not fit otherwise); no KV cache then."""
     q_len = h.shape[1]
     pos = position_ids_from_mask(attention_mask, q_len)
     bias = attention_bias(attention_mask, q_len, h.dtype)
     rope = decoder.rotary_emb(h, pos)
     for layer in layers:
-        out = layer(h, attention_mask=bias, position_ids=pos, use_cache=cache is not None, position_embeddings=rope,
-                    **{cache_kwarg(type(layer)): cache})
+        kwargs = dict(attention_mask=bias, position_ids=pos, use_cache=cache is not None, position_embeddings=rope,
+                      **{cache_kwarg(type(layer)): cache})
+        if checkpointing and cache is None and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            out = checkpoint(lambda x, layer=layer, kw=kwargs: layer(x, **kw), h, use_reentrant=False)
+        else:
+            out = layer(h, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
     return h
 
@@ -255,9 +264,20 @@ class ServerHalf(nn.Module):
             return dequantise(wire, self.split.levels, self.lm_head.weight.dtype)
         return wire.to(self.lm_head.weight.dtype)
 
-    def forward_values(self, values, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward_values(self, values, attention_mask, cache: KVCache | None = None, positions=None,
+                       checkpointing: bool = False) -> torch.Tensor:
+        """Logits from the wire values; positions (B, P): only at those positions (a
+        real vocabulary's logits at every position are large)."""
         h = self.decoder_q(values) if self.decoder_q is not None else values
-        h = run_layers(self._decoder, self.layers, h, attention_mask, cache)
+        return self.forward_hidden(h, attention_mask, cache, positions, checkpointing)
+
+    def forward_hidden(self, h, attention_mask, cache: KVCache | None = None, positions=None,
+                       checkpointing: bool = False) -> torch.Tensor:
+        """Logits from hidden states at the cut, without the quantizer: with the client's
+        own hidden states this is the unsplit model (the teacher of quantizer adaptation)."""
+        h = run_layers(self._decoder, self.layers, h, attention_mask, cache, checkpointing)
+        if positions is not None:
+            h = torch.gather(h, 1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         return self.lm_head(self.norm(h))
 
     def forward(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
@@ -279,6 +299,7 @@ class SplitModel:
         self.split = split
         self.hidden_size = hidden
         self.num_layers = n_layers
+        self.image_spec = None  # the checkpoint's preprocessing (models.load); None: the vision tower's size
         enc = dec = None
         if split.quantizer == "fsq":
             enc = QuantizerEncoder(hidden, split.code_dim, split.levels, split.clip_sigmas)

@@ -67,10 +67,10 @@ def server_step(server, values: torch.Tensor, labels: torch.Tensor, attention_ma
     return ServerStep(loss.item(), values.grad, per_sample, correct / max(1, int(answer.sum())))
 
 
-def client_backward(out, grad: torch.Tensor, split, commitment: float, aux: torch.Tensor | None = None) -> float:
+def client_backward(out, grad: torch.Tensor, split, commitment: float, aux=None) -> float:
     """Backward through the client half: d loss / d (normalised values) := grad (the
-    straight-through estimator), plus `commitment` x the cosine commitment loss and `aux`
-    (a loss the client computes on its own output). Returns the commitment loss."""
+    straight-through estimator), plus `commitment` x the cosine commitment loss and
+    `aux(out)` (a loss the client computes on its own output). Returns the commitment loss."""
     objective = (out.values * grad.to(out.values.dtype)).sum()
     commit = 0.0
     if split.quantizer == "fsq" and commitment > 0:
@@ -78,7 +78,7 @@ def client_backward(out, grad: torch.Tensor, split, commitment: float, aux: torc
         objective = objective + commitment * c
         commit = c.item()
     if aux is not None:
-        objective = objective + aux
+        objective = objective + aux(out)
     objective.backward()
     return commit
 

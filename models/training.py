@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeqtl import shapes
-from edgeqtl.codec import packed_nbytes
-from edgeqtl.imageproc import ImageSpec, preprocess
-from edgeqtl.wire import IGNORE_LABEL
+from edgeqtl.imageproc import ImageSpec
 
+from .batches import Batch, Collator, image_spec_of
 from .checkpoint import save_checkpoint
+from .evaluation import evaluate
 from .quantizer import commitment_loss, dequantise
 from .split import SplitModel
 from .steps import adamw, client_backward, lr_at, server_step
@@ -54,6 +54,9 @@ class TrainConfig:
     # language model learns to read an object's attributes (one attention hop) before it
     # has to select among several (two hops), which it otherwise takes long to find.
     curriculum_steps: int = 600
+    # Stage 1's probe: "cells" reads the world's scene labels (the tiny preset on shapes),
+    # "pixels" redraws each image token's patch (any images: the default with --data).
+    probe: str = "cells"
     # Sample families in proportion to their running training loss (floor 5% each), so
     # that solved families (count, early on) stop taking a fifth of every batch.
     adaptive_families: bool = True
@@ -65,47 +68,11 @@ class TrainConfig:
 # --------------------------------------------------------------------------- batches
 
 
-@dataclasses.dataclass
-class Batch:
-    pixel_values: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor  # IGNORE_LABEL where no loss
-    samples: list
-
-
-class ShapesCollator:
-    """Samples -> left-padded tensors with the chat template applied."""
+class ShapesCollator(Collator):
+    """The shapes world's samples -> Batches, with its chat format and tokenizer."""
 
     def __init__(self, tokenizer, n_image_tokens: int, image_spec: ImageSpec):
-        self.tok = tokenizer
-        self.n_img = n_image_tokens
-        self.spec = image_spec
-        self.pad_id = tokenizer.token_to_id(shapes.PAD_TOKEN)
-
-    def __call__(self, samples, with_answer: bool = True) -> Batch:
-        prompts = [shapes.format_prompt(s.question, self.n_img) for s in samples]
-        enc_p = self.tok.encode_batch(prompts)
-        seqs, labels = [], []
-        for s, e in zip(samples, enc_p):
-            ids = list(e.ids)
-            lab = [IGNORE_LABEL] * len(ids)
-            if with_answer:
-                ans = self.tok.encode(f"{s.answer} {shapes.EOS_TOKEN}", add_special_tokens=False).ids
-                ids += ans
-                lab += ans
-            seqs.append(ids)
-            labels.append(lab)
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        lab = torch.full((len(seqs), T), IGNORE_LABEL, dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
-            lab[i, T - len(s):] = torch.tensor(l)
-        pix = torch.from_numpy(preprocess(np.stack([s.image for s in samples]), self.spec))
-        return Batch(pix, ids, mask, lab, samples)
+        super().__init__(shapes.prompts(n_image_tokens, tokenizer), image_spec)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -146,13 +113,34 @@ class CellProbe(nn.Module):
                 s[i, o.row, o.col] = 1 + shp.index(o.shape)
         return c, s
 
-    def loss(self, feats, samples) -> torch.Tensor:
+    def loss(self, feats, batch) -> torch.Tensor:
+        samples = batch.samples
         out = self(feats).reshape(len(samples), self.side * self.side, -1)
         cell = self.cell_of_token().reshape(-1)
         tc, ts = (t.reshape(len(samples), -1)[:, cell] for t in self.targets(samples))
         targets = (tc, ts, cell.expand(len(samples), -1))
         logits = out.split(list(self.CLASSES), dim=-1)
         return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1)) for lg, t in zip(logits, targets))
+
+
+class PixelProbe(nn.Module):
+    """Every image token redraws its own patch (at 8x8 pixels) from its wire values: a
+    stage-1 target any image has, where no scene labels exist (a user's data). It makes
+    the codes carry what the patch shows, so that the language model finds something
+    to read when it learns to look at the image."""
+
+    SIZE = 8
+
+    def __init__(self, wire_dim: int, n_image_tokens: int):
+        super().__init__()
+        self.side = math.isqrt(n_image_tokens)
+        self.head = nn.Sequential(nn.Linear(wire_dim, 256), nn.GELU(), nn.Linear(256, self.SIZE * self.SIZE * 3))
+
+    def loss(self, feats, batch) -> torch.Tensor:
+        pix, s, r = batch.pixel_values, self.side, self.SIZE
+        target = F.adaptive_avg_pool2d(pix, (s * r, s * r)).reshape(len(pix), 3, s, r, s, r)
+        target = target.permute(0, 2, 4, 3, 5, 1).reshape(len(pix), s * s, r * r * 3)  # row-major patches
+        return F.mse_loss(self.head(feats), target)
 
 
 # --------------------------------------------------------------------------- steps
@@ -179,8 +167,7 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
     step = server_step(model.server, model.server.receive(out.wire), batch.labels, batch.attention_mask)
-    aux = client_aux(out) if client_aux is not None else None  # a loss the client computes on its own output
-    commit = client_backward(out, step.grad, model.split, commitment, aux)
+    commit = client_backward(out, step.grad, model.split, commitment, client_aux)
     return {"loss": step.loss, "commit": commit, "per_sample": step.per_sample}
 
 
@@ -206,9 +193,9 @@ class FamilySampler:
             counts[i] += 1
         return tuple(f for f, c in zip(self.families, counts) for _ in range(c))
 
-    def update(self, samples, per_sample_loss) -> None:
+    def update(self, categories, per_sample_loss) -> None:
         for f in self.families:
-            vals = [l for s, l in zip(samples, per_sample_loss) if s.family == f]
+            vals = [l for c, l in zip(categories, per_sample_loss) if c == f]
             if vals:
                 self.loss[f] = self.decay * self.loss[f] + (1 - self.decay) * float(np.mean(vals))
 
@@ -220,101 +207,36 @@ def max_objects_at(step: int, cfg: TrainConfig) -> int:
     return 1 + (full * step) // cfg.curriculum_steps
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclasses.dataclass
-class EvalReport:
-    accuracy: dict[str, float]
-    n: int
-    wire_bytes_per_sample: float
-    fp16_bytes_per_sample: float
-
-    @property
-    def mean_accuracy(self) -> float:
-        return float(np.mean(list(self.accuracy.values())))
-
-    def table(self, title: str = "") -> str:
-        lines = [title] if title else []
-        lines.append("family      accuracy")
-        for fam, acc in self.accuracy.items():
-            lines.append(f"{fam:<10}  {100 * acc:6.2f}%")
-        lines.append(f"{'mean':<10}  {100 * self.mean_accuracy:6.2f}%")
-        saved = 1 - self.wire_bytes_per_sample / self.fp16_bytes_per_sample
-        lines.append(f"uplink per sample: {self.wire_bytes_per_sample * 8:,.0f} bits "
-                     f"({self.wire_bytes_per_sample:,.0f} B) vs 16-bit {self.fp16_bytes_per_sample * 8:,.0f} bits "
-                     f"({self.fp16_bytes_per_sample:,.0f} B): {100 * saved:.1f}% saved (payload only)")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "mean_accuracy": self.mean_accuracy}
-
-
-def wire_nbytes(model: SplitModel, n_tokens: int) -> int:
-    """Bytes of payload the client sends for one sample of n_tokens tokens."""
-    s = model.split
-    if s.quantizer == "fsq":
-        return packed_nbytes(n_tokens * s.code_dim, s.levels)
-    return n_tokens * model.hidden_size * (2 if s.quantizer == "fp16" else 4)
-
-
-@torch.no_grad()
-def predict(model: SplitModel, batch: Batch) -> torch.Tensor:
-    """Greedy next token after each prompt (the first answer word)."""
-    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    logits = model.server(out.wire, batch.attention_mask)
-    return logits[:, -1].argmax(-1)
-
-
-@torch.no_grad()
-def evaluate(model: SplitModel, collate: ShapesCollator, samples, batch_size: int = 250) -> EvalReport:
-    was_training = model.client.training
-    model.eval()
-    correct: dict[str, list[bool]] = {f: [] for f in dict.fromkeys(s.family for s in samples)}
-    wire = fp16 = 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        b = collate(chunk, with_answer=False)
-        pred = predict(model, b)
-        for s, p, m in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist()):
-            correct[s.family].append(collate.tok.id_to_token(p) == s.answer)
-            wire += wire_nbytes(model, m)
-            fp16 += m * model.hidden_size * 2
-    model.train(was_training)
-    return EvalReport({f: float(np.mean(v)) for f, v in correct.items()}, len(samples),
-                      wire / len(samples), fp16 / len(samples))
-
-
 # --------------------------------------------------------------------------- the loop
 
 
-def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | None = None,
-          progress: bool = True, log=print, heldout=None) -> list[dict]:
-    """Train both halves on the shapes stream. Returns the per-step log."""
+def train(model: SplitModel, source, cfg: TrainConfig, out_dir: str | Path | None = None,
+          progress: bool = True, log=print, evaluator=None) -> list[dict]:
+    """Train both halves from `source` (models.sources: a world's stream or a user's
+    records). evaluator(model) -> one line, every cfg.eval_every steps. Returns the log."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     n_img = model.num_image_tokens
-    spec = image_spec_of(model)
-    collate = ShapesCollator(tokenizer, n_img, spec)
     wire_dim = model.split.code_dim if model.split.quantizer == "fsq" else model.hidden_size
-    probe = CellProbe(wire_dim, n_img)
+    probe = make_probe(cfg.probe, wire_dim, n_img, source, log)
     image_id = model.client.image_token_id
 
     def probe_loss(out, batch):
-        return probe.loss(image_positions(wire_values(model, out), batch.input_ids, image_id, n_img), batch.samples)
+        feats = image_positions(wire_values(model, out), batch.input_ids, image_id, n_img)
+        return probe.loss(feats, batch)
 
     history: list[dict] = []
     model.train()
 
     # ---- stage 1: alignment. Everything on the client learns, through the probe on the
-    # wire values, to put each object's colour and shape into its image tokens' codes.
-    if cfg.vision_steps > 0:
+    # wire values, to put what each image token shows into its codes.
+    if cfg.vision_steps > 0 and probe is not None:
         params = list(model.client.parameters()) + list(probe.parameters())
         opt = adamw(params, cfg.vision_lr, cfg.weight_decay)
         bar = tqdm(range(cfg.vision_steps), desc="stage 1 align", disable=not progress, dynamic_ncols=True)
         for step in bar:
-            batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, stream=3))  # a stream of its own
+            batch = source.align_batch(step)
             out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
             loss = probe_loss(out, batch)
             if model.split.quantizer == "fsq" and cfg.commitment > 0:
@@ -328,39 +250,50 @@ def train(model: SplitModel, tokenizer, cfg: TrainConfig, out_dir: str | Path | 
             history.append({"stage": 1, "step": step, "probe": loss.item()})
 
     # ---- stage 2: end to end through the wire path
-    params = list(model.parameters()) + list(probe.parameters())
+    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
     opt = adamw(params, cfg.lr, cfg.weight_decay)
     t0 = time.time()
-    sampler = FamilySampler()
+    sampler = FamilySampler(source.categories)
     bar = tqdm(range(cfg.steps), desc="stage 2 split", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        families = sampler.mix(cfg.batch_size) if cfg.adaptive_families else shapes.FAMILIES
-        batch = collate(shapes.train_batch(cfg.seed, step, cfg.batch_size, families=families,
-                                           max_objects=max_objects_at(step, cfg)))
+        mix = sampler.mix(cfg.batch_size) if cfg.adaptive_families else source.categories
+        batch = source.batch(step, mix)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        aux = (lambda out: cfg.probe_weight * probe_loss(out, batch)) if cfg.probe_weight > 0 else None
+        aux = (lambda out: cfg.probe_weight * probe_loss(out, batch)) if cfg.probe_weight > 0 and probe else None
         rec = wire_step(model, batch, cfg.commitment, aux)
-        sampler.update(batch.samples, rec.pop("per_sample"))
+        sampler.update([ex.category for ex in batch.examples], rec.pop("per_sample"))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         rec.update(stage=2, step=step, lr=opt.param_groups[0]["lr"], t=time.time() - t0)
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if heldout is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            r = evaluate(model, collate, heldout)
-            log(f"step {step + 1}: held-out mean {100 * r.mean_accuracy:.1f}% " +
-                " ".join(f"{k}={100 * v:.0f}" for k, v in r.accuracy.items()))
+        if evaluator is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            log(f"step {step + 1}: {evaluator(model)}")
+            model.train()
         if out_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(model, out_dir, cfg, step + 1)
+            save_checkpoint(model, out_dir, cfg, step + 1, prompts=source.collate.prompts)
     model.eval()
     if out_dir is not None:
-        save_checkpoint(model, out_dir, cfg, cfg.steps)
+        save_checkpoint(model, out_dir, cfg, cfg.steps, prompts=source.collate.prompts)
         (Path(out_dir) / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
     return history
 
 
-def image_spec_of(model: SplitModel) -> ImageSpec:
-    vc = model.llava.config.vision_config
-    return ImageSpec(size=vc.image_size)
+def make_probe(kind: str, wire_dim: int, n_img: int, source, log=print):
+    """The stage-1 probe: `cells` (the world's scene labels), `pixels` (each image
+    token's own patch, from any image), or None."""
+    if kind == "cells":
+        if not source.has_scenes:
+            raise ValueError("the cell probe needs a built-in world's scene labels; use --probe pixels with --data")
+        return CellProbe(wire_dim, n_img)
+    if kind == "pixels":
+        side = math.isqrt(n_img)
+        if side * side != n_img:
+            log(f"no pixel probe: {n_img} image tokens are not a square patch grid")
+            return None
+        return PixelProbe(wire_dim, n_img)
+    if kind == "none":
+        return None
+    raise ValueError(f"probe must be cells, pixels or none, got {kind!r}")

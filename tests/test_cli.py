@@ -31,7 +31,8 @@ def test_missing_checkpoint_directory(tmp_path):
 
 def test_non_llava_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    r = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", str(tmp_path / "d.json"), "--out",
+                                  str(tmp_path / "o")])
     _one_line_error(r, "not a Llava")
 
 

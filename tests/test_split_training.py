@@ -15,7 +15,7 @@ from edgeqtl import shapes
 from edgeqtl.models.load import load_split_model
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 from edgeqtl.device_agent.links import LocalLink, RetryingLink
-from edgeqtl.device_agent.training import DeviceTrainer, run_device
+from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard, run_device
 from edgeqtl.errors import CodedError
 from edgeqtl.models.steps import SplitTrainConfig
 from edgeqtl.server_agent.training import TrainingService
@@ -39,9 +39,14 @@ def _sides(model_dir, cfg, n=2, state=None, alpha=None):
     server_model = load_split_model(model_dir)
     fp = bytes.fromhex(fingerprint(server_model))[:16]
     server = TrainingService(server_model, cfg, state_dir=state, num_devices=n, fingerprint=fp)
-    devices = [DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(), cfg, f"dev{i}", i, n, alpha,
-                             state_dir=state, fingerprint=fp) for i in range(n)]
+    devices = [_device(model_dir, cfg, i, n, alpha, state, fp) for i in range(n)]
     return server, devices
+
+
+def _device(model_dir, cfg, i=0, n=1, alpha=None, state=None, fp=bytes(16)):
+    model = load_split_model(model_dir)
+    return DeviceTrainer(model, ShapesShard(model, shapes.build_tokenizer(), cfg, i, n, alpha), cfg, f"dev{i}",
+                         state_dir=state, fingerprint=fp)
 
 
 def _applied(service) -> dict:
@@ -78,8 +83,7 @@ def test_only_the_chosen_client_parts_train(model_dir):
     changed = {n.split(".")[0] for n, p in dev.client.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"projector", "encoder"}
     with pytest.raises(CodedError, match="unknown trainable"):
-        DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(),
-                      dataclasses.replace(CFG, trainable=("lm_head",)), "x")
+        _device(model_dir, dataclasses.replace(CFG, trainable=("lm_head",)))
 
 
 def test_non_iid_shards_follow_a_dirichlet_mix():
@@ -138,8 +142,7 @@ def test_device_restarted_from_its_checkpoint_replays_without_double_updates(mod
         if step == 4:
             dev.save()
     reference = dev.flat_weights()
-    crashed = DeviceTrainer(load_split_model(model_dir), shapes.build_tokenizer(), cfg, "dev0", 0, 1,
-                            state_dir=tmp_path, fingerprint=server.fingerprint)
+    crashed = _device(model_dir, cfg, state=tmp_path, fp=server.fingerprint)
     assert crashed.step == 4
     frame, out, _ = crashed.request(5)
     crashed.apply(5, out, link.request(frame))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeqtl import shapes
 from edgeqtl.models.presets import build_tiny
+from edgeqtl.models.sources import WorldSource
 from edgeqtl.models.split import SplitConfig, SplitModel
 from edgeqtl.models.training import TrainConfig, train
 
@@ -17,7 +17,7 @@ def test_short_run_learns(split, tmp_path):
     torch.set_num_threads(2)
     model = SplitModel(build_tiny(0), split)
     cfg = TrainConfig(steps=80, vision_steps=20, batch_size=32, warmup=10, seed=0)
-    hist = train(model, shapes.build_tokenizer(), cfg, out_dir=tmp_path, progress=False)
+    hist = train(model, WorldSource.for_model(model, cfg), cfg, out_dir=tmp_path, progress=False)
     losses = [h["loss"] for h in hist if h["stage"] == 2]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}"

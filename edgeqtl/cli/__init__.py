@@ -3,6 +3,7 @@ and calls into the package; torch is imported inside the commands that need it, 
 `import edgeqtl` and the device commands stay torch-free.
 
     workstation  train, eval, export, merge          (cli/model.py)
+    data         data export, data check              (cli/data.py)
     lab          broker, server serve, server train  (cli/serve.py)
     device       device ask, device run, device train (cli/device.py)
     everything   demo                                (cli/demo.py)
@@ -13,6 +14,7 @@ import click
 
 from edgeqtl import __version__
 
+from .data import data
 from .demo import demo
 from .device import device
 from .model import evaluate, export, merge, train
@@ -32,6 +34,6 @@ def main():
     """
 
 
-COMMANDS = [train, evaluate, export, merge, broker, server, device, demo]
+COMMANDS = [train, evaluate, export, merge, data, broker, server, device, demo]
 for command in COMMANDS:
     main.add_command(command)

@@ -117,15 +117,6 @@ def describe_split(split) -> str:
     return "16-bit baseline" if split.quantizer == "fp16" else "identity"
 
 
-def load_tokenizer(directory: Path):
-    from tokenizers import Tokenizer
-
-    path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{directory} has no tokenizer.json; save the tokenizer beside the checkpoint")
-    return Tokenizer.from_file(str(path))
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -147,3 +138,12 @@ def serve_until_interrupted(stop) -> None:
         pass
     finally:
         stop()
+
+
+def data_options(fn):
+    """A LLaVA data file and how to read it (edgeqtl/data.py)."""
+    fn = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Resolve the data's relative image paths here instead of beside the data file.")(fn)
+    fn = click.option("--skip-bad", is_flag=True,
+                      help="Skip bad records (each reported on one line) instead of stopping before training.")(fn)
+    return fn

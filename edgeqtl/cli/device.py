@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, broker_config, broker_options, default_device_id, device_id_option, set_threads,
-                     split_train_options, user_errors)
+from .common import (UserError, broker_config, broker_options, data_options, default_device_id, device_id_option,
+                     set_threads, split_train_options, user_errors)
 
 
 @click.group()
@@ -106,8 +106,12 @@ def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, devi
               help="The split model both sides start from (the server gets the same with --model).")
 @broker_options
 @device_id_option
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="This device's own data (LLaVA records, JSON or JSON lines); it never leaves the device. "
+                   "Without it: a shard of the built-in shapes world (--index, --devices, --shard).")
+@data_options
 @click.option("--index", "device_index", type=int, default=0, show_default=True,
-              help="This device's shard number, 0 <= index < --devices.")
+              help="Without --data: this device's shard of the shapes world, 0 <= index < --devices.")
 @click.option("--devices", "num_devices", type=int, default=1, show_default=True)
 @click.option("--shard", default="iid", show_default=True,
               help="'iid', or 'dirichlet:ALPHA' for a non-IID family mix (smaller alpha: more skewed).")
@@ -116,13 +120,16 @@ def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, devi
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per try of a step.")
 @split_train_options
 @user_errors
-def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id, device_index, num_devices, shard,
-                 trainable, timeout, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
+def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id, data_file, image_root, skip_bad,
+                 device_index, num_devices, shard, trainable, timeout, steps, batch_size, lr, checkpoint_every,
+                 fedavg_every, state_dir, threads):
     """Split training, the device's side: its images never leave it; codes go up,
     compressed gradients come back. Needs torch (autograd); inference on the device does not.
 
     \b
-    Example (two devices, non-IID, against `edgeqtl server train ... --devices 2`):
+    Examples (against `edgeqtl server train ... --devices 2`):
+      edgeqtl device train --model runs/mine --data /data/clinic.jsonl --broker mqtt://broker.lan \\
+          --state-dir runs/dev0
       edgeqtl device train --model runs/tiny-2bit --index 0 --devices 2 --shard dirichlet:0.5 \\
           --broker mqtt://broker.lan --state-dir runs/dev0
     """
@@ -131,8 +138,10 @@ def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id,
     from edgeqtl import shapes
     from edgeqtl.device_agent.links import RetryingLink
     from edgeqtl.device_agent.runner import connect
-    from edgeqtl.device_agent.training import DeviceTrainer, run_device
-    from edgeqtl.models.load import load_split_model
+    from edgeqtl.device_agent.training import DeviceTrainer, RecordBatches, ShapesShard, run_device
+    from edgeqtl.models.batches import Collator, image_spec_of
+    from edgeqtl.models.jobs import DataOptions, checked
+    from edgeqtl.models.load import load_prompts, load_split_model
     from edgeqtl.models.split import fingerprint
     from edgeqtl.models.steps import SplitTrainConfig
 
@@ -144,8 +153,15 @@ def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id,
     dev_id = default_device_id(device_id)
     tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                             fedavg_every=fedavg_every, trainable=tuple(t.strip() for t in trainable.split(",")))
-    trainer = DeviceTrainer(model, shapes.build_tokenizer(), tcfg, dev_id, device_index, num_devices, alpha,
-                            state_dir, bytes.fromhex(fingerprint(model))[:16])
+    if data_file is not None:
+        prompts = load_prompts(model_dir, model)
+        batches = RecordBatches(Collator(prompts, image_spec_of(model)),
+                                checked(data_file, DataOptions(data_file, None, image_root, skip_bad), model, prompts,
+                                        lambda line: click.echo(line, err=True)),
+                                batch_size, tcfg.seed)
+    else:
+        batches = ShapesShard(model, shapes.build_tokenizer(), tcfg, device_index, num_devices, alpha)
+    trainer = DeviceTrainer(model, batches, tcfg, dev_id, state_dir, bytes.fromhex(fingerprint(model))[:16])
     transport = connect(broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
     bar = tqdm(total=steps, initial=trainer.step, desc=f"split train {dev_id}", dynamic_ncols=True)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import (UserError, describe_split, levels_from, load_tokenizer, set_threads, split_options,
+from .common import (UserError, data_options, describe_split, levels_from, set_threads, split_options,
                      threads_option, user_errors)
 
 
@@ -25,94 +25,135 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 
 @click.command()
 @click.option("--preset", type=click.Choice(["tiny"]), default="tiny", show_default=True,
-              help="Built-in model built from config (used when --model is not given).")
+              help="Built-in model built from config, trained from scratch (when --model is not given).")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="A local HF Llava checkpoint directory (safetensors) to start from instead.")
+              help="A pretrained local HF Llava checkpoint (safetensors): adapt a fresh quantizer to it, "
+                   "the VLM frozen (needs --data).")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Train on your own data: LLaVA records (JSON list or JSON lines), see `edgeqtl data`.")
+@click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Held-out records for figures during and after training.")
+@data_options
 @split_options
 @click.option("--baseline", is_flag=True,
               help="No quantizer: send 16-bit hidden states (the unquantized baseline).")
-@click.option("--steps", type=int, default=None, help="End-to-end training steps (stage 2).")
-@click.option("--vision-steps", type=int, default=None, help="Vision alignment steps (stage 1); 0 skips it.")
+@click.option("--steps", type=int, default=None, help="Training steps (from scratch: stage 2).")
+@click.option("--vision-steps", type=int, default=None, help="From scratch: alignment steps (stage 1); 0 skips it.")
+@click.option("--probe", type=click.Choice(["cells", "pixels", "none"]), default=None,
+              help="From scratch: stage 1's probe (default: cells on the built-in world, pixels with --data).")
+@click.option("--curriculum-steps", type=int, default=None,
+              help="From scratch on the built-in world: objects per image ramp up over these steps (0: off).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--clip-sigmas", type=click.FloatRange(0, 10, min_open=True), default=None,
               help="Quantizer normalisation range in sigmas (default: Gaussian-optimal for the levels, "
                    "1.49 at 2 bits; see docs/TRAINING.md).")
+@click.option("--trainable", default="quantizer", show_default=True,
+              help="With --model: what trains, from quantizer, projector, lora (adapters on the trunk's first "
+                   "layers after the cut).")
+@click.option("--bf16", is_flag=True, help="With --model: bf16 autocast (faster on CPUs and GPUs that have it).")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Held-out figures every N steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @threads_option
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Save every N steps (0: at the end).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained split model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def train(preset, model_dir, cut, bits, levels, baseline, steps, vision_steps, batch_size, lr, clip_sigmas, seed,
-          threads, checkpoint_every, out, quiet):
-    """Train both halves of a split model on the shapes benchmark, in one process.
+def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, levels, baseline, steps, vision_steps,
+          probe, curriculum_steps, batch_size, lr, clip_sigmas, trainable, bf16, eval_every, seed, threads, checkpoint_every, out,
+          quiet):
+    """Train a split model in one process, through the very path the wire takes (codes
+    up, the gradient at the codes back).
 
-    Every step passes integer codes from the client half to the server half and the
-    gradient back, exactly as the wire will.
+    \b
+    From scratch (--preset): on the built-in shapes world, or on your records (--data),
+    with a word vocabulary built from them.
+    A pretrained checkpoint (--model ... --data): quantizer adaptation. The VLM stays
+    frozen; a fresh quantizer learns by self-distillation against the unsplit model
+    (records without an answer are answered by it).
 
     \b
     Example:
       edgeqtl train --preset tiny --cut 0 --bits 2 --out runs/tiny-2bit
       edgeqtl train --preset tiny --baseline --out runs/tiny-fp16
+      edgeqtl train --preset tiny --data mine/train.json --eval-data mine/test.json --out runs/mine
+      edgeqtl train --model ckpt/ --bits 2 --data mine/train.jsonl --eval-data mine/test.jsonl --out runs/adapted
     """
     import dataclasses
 
-    from edgeqtl import shapes
-    from edgeqtl.models.load import load_split_model
+    from edgeqtl.models import jobs
+    from edgeqtl.models.adapt import AdaptConfig
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitModel
-    from edgeqtl.models.training import ShapesCollator, TrainConfig, evaluate, image_spec_of
-    from edgeqtl.models.training import train as run_training
+    from edgeqtl.models.training import TrainConfig
 
     set_threads(threads)
     split = split_config_from(cut, bits, levels, baseline, clip_sigmas)
+    given = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
+    opts = jobs.DataOptions(data, eval_data, image_root, skip_bad) if data is not None else None
     if model_dir is not None:
-        model = load_split_model(model_dir, split)
-        tokenizer = load_tokenizer(model_dir)
+        if data is None:
+            raise UserError("quantizer adaptation needs your data: --data FILE (LLaVA records; `edgeqtl data "
+                            "export --world shapes` writes the built-in world as one)")
+        cfg = dataclasses.replace(AdaptConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                              trainable=tuple(t.strip() for t in trainable.split(",")), bf16=bf16),
+                                  **given)
+        jobs.adapt_records(model_dir, split, cfg, opts, out, click.echo, progress=not quiet)
     else:
-        model = SplitModel(build_tiny(seed), split)
-        tokenizer = shapes.build_tokenizer()
-    overrides = {k: v for k, v in dict(steps=steps, vision_steps=vision_steps, batch_size=batch_size, lr=lr).items()
-                 if v is not None}
-    if model_dir is not None and vision_steps is None:
-        overrides["vision_steps"] = 0  # a real checkpoint's vision tower is pretrained
-    cfg = dataclasses.replace(TrainConfig(seed=seed, checkpoint_every=checkpoint_every), **overrides)
-    click.echo(f"training {'tiny' if model_dir is None else model_dir} split at cut {model.split.cut}, "
-               f"{describe_split(model.split)}, {cfg.steps} steps -> {out}")
-    run_training(model, tokenizer, cfg, out_dir=out, progress=not quiet)
-    report = evaluate(model, ShapesCollator(tokenizer, model.num_image_tokens, image_spec_of(model)),
-                      shapes.heldout(100))
-    click.echo(report.table("quick held-out check (100 per family; `edgeqtl eval` runs the full set):"))
+        cfg = dataclasses.replace(TrainConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                              probe=probe or ("pixels" if data is not None else "cells")),
+                                  **given, **({"vision_steps": vision_steps} if vision_steps is not None else {}),
+                                  **({"curriculum_steps": curriculum_steps} if curriculum_steps is not None else {}))
+        model = SplitModel(build_tiny(seed), split)  # checks the split against the preset before anything runs
+        click.echo(f"training {preset} split at cut {split.cut}, {describe_split(split)}, {cfg.steps} steps on "
+                   f"{data or 'the shapes world'} -> {out}")
+        if data is not None:
+            jobs.train_records(split, cfg, opts, out, click.echo, seed, progress=not quiet)
+        else:
+            jobs.train_world(model, cfg, out, click.echo, progress=not quiet)
     click.echo(f"saved to {out}")
 
 
 @click.command("eval")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
               help="A trained split model directory (from `edgeqtl train`).")
-@click.option("--per-family", type=int, default=500, show_default=True, help="Held-out questions per family.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your held-out records (LLaVA format): answers generated greedily, normalised exact match. "
+                   "Without it: the built-in shapes world's held-out set.")
+@data_options
+@click.option("--per-family", type=int, default=500, show_default=True,
+              help="Without --data: held-out questions per family.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="With --data: answer length limit.")
 @threads_option
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the report as JSON: accuracy (a fraction), records, per_category, ...")
 @user_errors
-def evaluate(model_dir, per_family, threads, json_out):
-    """Held-out accuracy per task family, and the bits per sample the client sends
-    next to the unquantized 16-bit baseline.
+def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, threads, json_out):
+    """Held-out accuracy of a split model, per category, and the bytes the client sends
+    next to the unquantized 16-bit baseline (built-in world). For an adapted checkpoint,
+    also how often its answers equal the unsplit model's.
 
     \b
     Example:
       edgeqtl eval --model runs/tiny-2bit --per-family 500
+      edgeqtl eval --model runs/adapted --data mine/test.jsonl --json runs/adapted/eval.json
     """
-    from edgeqtl import shapes
-    from edgeqtl.models.load import load_split_model
-    from edgeqtl.models.training import ShapesCollator, evaluate as run_eval, image_spec_of
+    from edgeqtl.models import jobs
+    from edgeqtl.models.load import load_prompts, load_split_model, read_split_meta
 
     set_threads(threads)
     model = load_split_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    report = run_eval(model, ShapesCollator(tokenizer, model.num_image_tokens, image_spec_of(model)),
-                      shapes.heldout(per_family))
-    click.echo(report.table(f"{model_dir}: cut {model.split.cut}, {describe_split(model.split)}, "
-                            f"{report.n} held-out questions"))
+    prompts = load_prompts(model_dir, model)
+    title = f"{model_dir}: cut {model.split.cut}, {describe_split(model.split)}"
+    if data is None:
+        report = jobs.eval_world(model, prompts, per_family)
+        click.echo(report.table(f"{title}, {report.n} held-out questions"))
+    else:
+        opts = jobs.DataOptions(data, None, image_root, skip_bad, max_new_tokens)
+        records = jobs.checked(data, opts, model, prompts, click.echo)
+        report = jobs.eval_records(model, prompts, records, max_new_tokens,
+                                   with_agreement=bool(read_split_meta(model_dir).get("adapted")))
+        click.echo(report.table(f"{title}, {report.records} records of {data}"))
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2))
 

@@ -73,9 +73,9 @@ def _check_codes(shape: tuple, levels: int, n: int) -> None:
 def _check_codes_rans(shape: tuple, levels: int, n: int) -> None:
     _check_levels(levels)
     packed = packed_nbytes(math.prod(shape), levels)
-    if n < 4 or n % 4 or n >= packed:  # the sender uses it only when it beats plain packing
-        raise CodecError(f"entropy-coded payload of {n} bytes for shape {list(shape)}: must be a 4-byte "
-                         f"digest plus 32-bit words, and under the {packed} bytes of packing")
+    if n < 4 + 6 or n % 2 or n >= packed:  # the sender uses it only when it beats plain packing
+        raise CodecError(f"entropy-coded payload of {n} bytes for shape {list(shape)}: must be a 4-byte digest, "
+                         f"a 6-byte rANS header and 16-bit words, and under the {packed} bytes of packing")
 
 
 def _check_gradient(name: str) -> Callable[[tuple, int, int], None]:

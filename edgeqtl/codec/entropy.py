@@ -3,11 +3,12 @@
 The learned quantizer does not use its L levels evenly, and each code dimension has its
 own histogram (a trained 2-bit model: 1.63 bits of entropy per code on average). An
 `EntropyModel` holds those histograms, counted at export on training samples and
-shipped in both the bundle and the server half; codes are then coded with rANS
-(constriction's stack coder, one categorical model per dimension, static: no state
-across frames, so a lost or reordered frame costs nothing). Payload: the model's 4-byte
-digest (a device and a server with different models are told so instead of decoding
-garbage), then the coder's 32-bit words, little-endian.
+shipped in both the bundle and the server half; codes are then coded with interleaved
+rANS in numpy (codec/rans.py: the same coder on a Raspberry Pi and on the server, no
+compiled package; one static categorical model per dimension, no state across frames,
+so a lost or reordered frame costs nothing). Payload: the model's 4-byte digest (a
+device and a server with different models are told so instead of decoding garbage),
+then the rANS payload (lane count, CRC-32 of the codes, lane states, 16-bit words).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 
 import numpy as np
 
+from . import rans
 from .errors import CodecError
 
 
@@ -58,6 +60,11 @@ class EntropyModel:
     def probabilities(self) -> np.ndarray:
         return self.counts / self.counts.sum(1, keepdims=True)
 
+    @functools.cached_property
+    def table(self) -> rans.RansTable:
+        """The coder's integer frequency table, built once."""
+        return rans.RansTable(self.counts)
+
     def bits_per_code(self) -> float:
         """The model's own entropy, averaged over dimensions."""
         p = self.probabilities
@@ -74,47 +81,26 @@ class EntropyModel:
             raise CodecError(f"entropy model table is malformed: {e}") from None
 
 
-def _constriction():
-    try:
-        import constriction
-    except ImportError:
-        raise CodecError("entropy-coded codes need the constriction package (pip install constriction)") from None
-    return constriction.stream
-
-
-def _tiled(model: EntropyModel, shape: tuple[int, ...], levels: int) -> np.ndarray:
-    if levels != model.levels or not shape or shape[-1] != model.code_dim:
-        raise CodecError(f"entropy model is for {model.code_dim} dims x {model.levels} levels, "
-                         f"not shape {list(shape)} at {levels} levels")
-    return np.tile(model.probabilities, (math.prod(shape) // model.code_dim, 1))
-
-
 def encode_codes_entropy(codes: np.ndarray, levels: int, model: EntropyModel) -> bytes:
-    """Codes (..., code_dim) in [0, levels) -> digest + rANS words."""
-    stream = _constriction()
+    """Codes (..., code_dim) in [0, levels) -> digest + rANS payload (edgeqtl.codec.rans)."""
     codes = np.asarray(codes)
-    probs = _tiled(model, codes.shape, levels)
-    flat = codes.reshape(-1).astype(np.int32)
-    if flat.size and (flat.min() < 0 or flat.max() >= levels):
-        raise CodecError(f"codes out of range for {levels} levels")
-    coder = stream.stack.AnsCoder()
-    coder.encode_reverse(flat, stream.model.Categorical(perfect=False), probs)
-    return model.digest + coder.get_compressed().astype("<u4").tobytes()
+    _check_model(model, codes.shape, levels)
+    return model.digest + rans.encode(codes, model.table)
 
 
 def decode_codes_entropy(data: bytes | memoryview, levels: int, shape: tuple[int, ...],
                          model: EntropyModel) -> np.ndarray:
-    stream = _constriction()
     data = bytes(data)
-    if len(data) < 4 or (len(data) - 4) % 4:
-        raise CodecError(f"entropy-coded payload of {len(data)} bytes is not a digest plus 32-bit words")
+    if len(data) < 4:
+        raise CodecError(f"entropy-coded payload of {len(data)} bytes has no model digest")
     if data[:4] != model.digest:
         raise CodecError(f"codes were entropy-coded with model {data[:4].hex()}, this side has "
                          f"{model.digest.hex()}: export the bundle and the server half together")
-    probs = _tiled(model, shape, levels)
-    words = np.frombuffer(data[4:], dtype="<u4").astype(np.uint32)
-    coder = stream.stack.AnsCoder(words)
-    out = coder.decode(stream.model.Categorical(perfect=False), probs)
-    if not coder.is_empty():
-        raise CodecError("entropy-coded payload has data left over after the last code: corrupt")
-    return out.astype(np.uint8).reshape(shape)
+    _check_model(model, shape, levels)
+    return rans.decode(data[4:], shape, model.table)
+
+
+def _check_model(model: EntropyModel, shape: tuple[int, ...], levels: int) -> None:
+    if levels != model.levels or not shape or shape[-1] != model.code_dim:
+        raise CodecError(f"entropy model is for {model.code_dim} dims x {model.levels} levels, "
+                         f"not shape {list(shape)} at {levels} levels")

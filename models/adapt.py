@@ -1,0 +1,253 @@
+"""Quantizer adaptation for a pretrained VLM (`edgeqtl train --model CKPT --data FILE`).
+
+The VLM stays frozen. A fresh quantizer (the device's encoder, the server's decoder)
+learns by self-distillation: on the same inputs, the split model's next-token
+distribution should match the unsplit model's (the same frozen weights, without the
+quantizer: the teacher). The loss, over the answer positions only:
+
+    KL(teacher || student) at temperature T, x T^2
+    + ce_weight x cross-entropy on the answer, for records that have one
+    + commitment x the quantizer's cosine commitment loss
+
+A record without an answer is answered once by the teacher (greedy, cached), and its
+KL is taken over that answer. `trainable` opens more than the quantizer: the projector
+(the teacher keeps a frozen copy) and LoRA adapters on the first trunk layers after the
+cut (models/lora.py; switched off for the teacher, merged into the weights when saved).
+
+The quantizer starts warm: a square in_proj starts as the identity, and the decoder as
+the least-squares map from the codes back to the hidden states of a first batch, so
+that the first steps refine a working split instead of finding one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgeqtl.memory import peak_rss_mb
+from edgeqtl.prompt import ASSISTANT
+
+from . import lora
+from .batches import Batch, Collator, Example
+from .checkpoint import save_checkpoint
+from .generate import generate
+from .quantizer import commitment_loss, dequantise
+from .split import SplitModel
+from .steps import adamw, lr_at
+
+TRAINABLE = ("quantizer", "projector", "lora")
+
+
+@dataclasses.dataclass
+class AdaptConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    commitment: float = 0.1
+    ce_weight: float = 0.5
+    temperature: float = 1.0
+    trainable: tuple[str, ...] = ("quantizer",)
+    lora_rank: int = 8
+    lora_layers: int = 2  # trunk layers after the cut that get adapters
+    checkpointing: bool = True  # recompute the trunk's activations in backward (real-size memory)
+    bf16: bool = False  # bf16 autocast for the forward passes
+    max_new_tokens: int = 16  # the teacher's answers to records without one
+    seed: int = 0
+    checkpoint_every: int = 0
+    eval_every: int = 0  # held-out figures every N steps (with --eval-data)
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions, valid, targets), each (B, P): the positions whose logits predict an
+    answer token (the one before each label), padded to the longest row."""
+    hits = [(row[1:] != -100).nonzero().squeeze(-1) for row in labels]
+    P = max(1, max(len(h) for h in hits))
+    positions = torch.zeros(len(hits), P, dtype=torch.long)
+    valid = torch.zeros(len(hits), P, dtype=torch.bool)
+    targets = torch.zeros(len(hits), P, dtype=torch.long)
+    for i, h in enumerate(hits):
+        positions[i, :len(h)] = h
+        valid[i, :len(h)] = True
+        targets[i, :len(h)] = labels[i, h + 1]
+    return positions, valid, targets
+
+
+class TeacherAnswers:
+    """The unsplit model's greedy answers to records without one, generated once."""
+
+    def __init__(self, model: SplitModel, collate: Collator, max_new_tokens: int, eos_ids: set[int]):
+        self.model, self.collate = model, collate
+        self.max_new_tokens, self.eos_ids = max_new_tokens, eos_ids
+        self.cache: dict[str, str] = {}
+
+    def complete(self, examples: list[Example]) -> list[Example]:
+        todo = [ex for ex in examples if ex.answer is None and _key(ex) not in self.cache]
+        if todo:
+            batch = self.collate(todo, with_answer=False)
+            for ex, ids in zip(todo, generate(self.model, batch, self.max_new_tokens, self.eos_ids, quantized=False)):
+                self.cache[_key(ex)] = self.collate.prompts.tok.decode(ids)
+        return [ex if ex.answer is not None else
+                dataclasses.replace(ex, turns=[*ex.turns, (ASSISTANT, self.cache[_key(ex)])], category=ex.category)
+                for ex in examples]
+
+
+def _key(ex: Example) -> str:
+    return getattr(ex.source, "id", None) or str(id(ex.source))
+
+
+@torch.no_grad()
+def warm_start(model: SplitModel, batch: Batch) -> None:
+    """A square in_proj as the identity; the decoder as the least-squares map from the
+    dequantised codes of `batch` back to its hidden states."""
+    enc, dec = model.client.encoder, model.server.decoder_q
+    if enc is None:
+        return
+    if enc.in_proj.in_features == enc.in_proj.out_features:
+        enc.in_proj.weight.copy_(torch.eye(enc.in_proj.in_features))
+        enc.in_proj.bias.zero_()
+    h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    codes, _ = enc(h)
+    keep = batch.attention_mask.bool()
+    x = dequantise(codes, model.split.levels)[keep]
+    y = h[keep]
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    sol = torch.linalg.lstsq(x1.double(), y.double()).solution.float()  # (code_dim + 1, hidden)
+    dec.out_proj.weight.copy_(sol[:-1].T)
+    dec.out_proj.bias.copy_(sol[-1])
+
+
+class Adapter:
+    """The adaptation run: which parameters train, the teacher, one step."""
+
+    def __init__(self, model: SplitModel, collate: Collator, cfg: AdaptConfig, eos_ids: set[int]):
+        unknown = set(cfg.trainable) - set(TRAINABLE)
+        if unknown:
+            raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {TRAINABLE}")
+        if model.split.quantizer != "fsq":
+            raise ValueError("quantizer adaptation needs a quantized split (--bits or --levels)")
+        self.model, self.collate, self.cfg = model, collate, cfg
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [*model.client.encoder.parameters(), *model.server.decoder_q.parameters()]
+        self.teacher_projector = None
+        if "projector" in cfg.trainable:
+            self.teacher_projector = copy.deepcopy(model.client.projector)
+            params += list(model.client.projector.parameters())
+        self.adapters: list[lora.LoRALinear] = []
+        if "lora" in cfg.trainable:
+            self.adapters = lora.add_lora(model.server.layers[:cfg.lora_layers], cfg.lora_rank)
+            params += [p for a in self.adapters for p in (a.A, a.B)]
+        for p in params:
+            p.requires_grad_(True)
+        self.params = params
+        self.opt = adamw(params, cfg.lr, cfg.weight_decay)
+        self.teacher = TeacherAnswers(model, collate, cfg.max_new_tokens, eos_ids)
+
+    @contextlib.contextmanager
+    def as_teacher(self):
+        """The frozen model: the original projector, no adapters."""
+        saved = self.model.client.projector
+        if self.teacher_projector is not None:
+            self.model.client.projector = self.teacher_projector
+        try:
+            with lora.enabled(self.adapters, False):
+                yield
+        finally:
+            self.model.client.projector = saved
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
+
+    def step(self, step: int, examples: list[Example]) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        real = torch.tensor([ex.answer is not None for ex in examples])
+        with self.as_teacher():
+            examples = self.teacher.complete(examples)
+        batch = self.collate(examples)
+        pos, valid, targets = answer_positions(batch.labels)
+        mask = batch.attention_mask
+        with torch.no_grad(), self._autocast(), self.as_teacher():
+            h_teacher = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
+            t_logits = model.server.forward_hidden(h_teacher, mask, positions=pos).float()
+        with self._autocast():
+            if self.teacher_projector is None:
+                h = h_teacher
+            else:
+                h = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
+            codes, n = model.client.encoder(h)
+            values = n + (dequantise(codes, model.split.levels, n.dtype) - n).detach()  # straight through
+            s_logits = model.server.forward_values(values, mask, positions=pos,
+                                                   checkpointing=cfg.checkpointing).float()
+        T = cfg.temperature
+        t_logp, s_logp = F.log_softmax(t_logits / T, -1), F.log_softmax(s_logits / T, -1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[valid].mean() * T * T
+        ce_mask = valid & real[:, None]
+        ce = F.cross_entropy(s_logits[ce_mask], targets[ce_mask]) if ce_mask.any() else kl.new_zeros(())
+        commit = commitment_loss(n.float(), model.split.levels)
+        loss = kl + cfg.ce_weight * ce + cfg.commitment * commit
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            agree = (t_logits.argmax(-1) == s_logits.argmax(-1))[valid].float().mean().item()
+        return {"step": step, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "commit": commit.item(),
+                "top1_agreement": agree}
+
+    def finish(self) -> None:
+        """Fold the adapters into the trunk's weights (a plain checkpoint to save and export)."""
+        if self.adapters:
+            lora.merge(self.model.server.layers[:self.cfg.lora_layers])
+            self.adapters = []
+        self.model.eval()
+
+
+def adapt(model: SplitModel, collate: Collator, batches, cfg: AdaptConfig, eos_ids: set[int],
+          out_dir: str | Path | None = None, progress: bool = True, log=print, on_eval=None,
+          eval_every: int = 0) -> list[dict]:
+    """`batches`: an endless iterator of Example lists (cfg.batch_size each). Returns the
+    per-step log; prints seconds per step and peak RSS at the end."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    run = Adapter(model, collate, cfg, eos_ids)
+    batches = iter(batches)
+    first = next(batches)
+    with run.as_teacher():
+        warm_start(model, collate(run.teacher.complete(first)))
+    history, t0 = [], time.time()
+    bar = tqdm(range(cfg.steps), desc="adapt quantizer", disable=not progress, dynamic_ncols=True)
+    examples = first
+    for step in bar:
+        rec = run.step(step, examples)
+        rec["t"] = time.time() - t0
+        history.append(rec)
+        bar.set_postfix(kl=f"{rec['kl']:.3f}", agree=f"{100 * rec['top1_agreement']:.0f}%",
+                        rss=f"{peak_rss_mb():.0f}M")
+        if on_eval is not None and eval_every and (step + 1) % eval_every == 0:
+            on_eval(step + 1)
+        if out_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and not run.adapters:  # with adapters the model is saved at the end, merged
+            save_checkpoint(model, out_dir, cfg, step + 1, extra={"adapted": True}, prompts=collate.prompts)
+        if step + 1 < cfg.steps:
+            examples = next(batches)
+    bar.close()
+    run.finish()
+    seconds = (time.time() - t0) / max(1, cfg.steps)
+    log(f"adapted the quantizer in {cfg.steps} steps: {seconds:.2f} s per step, peak RSS {peak_rss_mb():.0f} MB")
+    if out_dir is not None:
+        save_checkpoint(model, out_dir, cfg, cfg.steps, extra={"adapted": True, "seconds_per_step": seconds},
+                        prompts=collate.prompts)
+    return history
