@@ -1,11 +1,15 @@
 """Start a local MQTT broker: mosquitto from a generated config when it is installed
 (MQTT 5, shared subscriptions), else an embedded amqtt broker (MQTT 3.1.1 only) when
-that package is installed. Used by `edgeqtl broker`, the demo and the test fixture."""
+that package is installed. Used by `edgeqtl broker`, the demo and the test fixture.
+
+`MosquittoBroker.secure(DIR)` serves a secure-broker directory instead (TLS, a login per
+device, ACLs: edgeqtl/security.py)."""
 from __future__ import annotations
 
 import dataclasses
 import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -32,7 +36,8 @@ def find_mosquitto() -> str | None:
 
 @dataclasses.dataclass
 class MosquittoBroker:
-    """mosquitto on 127.0.0.1 from a generated config; stop() ends it."""
+    """mosquitto on 127.0.0.1 from a generated config; stop() ends it. With secure_dir
+    (see `secure`) the config and the log live in that directory and stay there."""
 
     shared_subscriptions = True
     protocol = 5
@@ -42,13 +47,21 @@ class MosquittoBroker:
     allow_anonymous: bool = True
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
-    workdir: Path | None = None
+    workdir: Path | None = None  # the temporary folder of a plain broker, removed by stop()
+    secure_dir: Path | None = None
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
-        exe = find_mosquitto()
-        if exe is None:
-            raise BrokerStartError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
-        self.port = self.port or free_port()
+    @classmethod
+    def secure(cls, directory: str | Path, port: int | None = None, host: str = "127.0.0.1",
+               max_packet_size: int | None = None) -> "MosquittoBroker":
+        """mosquitto serving a directory made by edgeqtl.security.init_secure_dir: its
+        TLS listener on `port` (default: the directory's, which its login files name)."""
+        from .security import open_secure_dir
+
+        layout = open_secure_dir(directory)
+        return cls(port=port or layout.settings.port, host=host, max_packet_size=max_packet_size,
+                   allow_anonymous=False, secure_dir=layout.root)
+
+    def _plain_config(self) -> tuple[Path, Path]:
         self.workdir = Path(tempfile.mkdtemp(prefix="edgeqtl-mosquitto-"))
         # set_tcp_nodelay: the broker forwards small messages at once too (else ~44 ms each)
         conf = [f"listener {self.port} {self.host}", f"allow_anonymous {'true' if self.allow_anonymous else 'false'}", "persistence false", "set_tcp_nodelay true",
@@ -60,24 +73,56 @@ class MosquittoBroker:
         conf.append(f"user {getpass.getuser()}")
         conf.append(self.extra_config)
         (self.workdir / "mosquitto.conf").write_text("\n".join(conf) + "\n")
-        self.log = open(self.workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([exe, "-c", str(self.workdir / "mosquitto.conf")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        return self.workdir / "mosquitto.conf", self.workdir / "mosquitto.log"
+
+    def _secure_config(self) -> tuple[Path, Path]:
+        from .security import mosquitto_config, open_secure_dir
+
+        layout = open_secure_dir(self.secure_dir)
+        text = mosquitto_config(layout, self.host, self.port, getpass.getuser(), self.max_packet_size)
+        layout.config.write_text(text + (self.extra_config + "\n" if self.extra_config else ""))
+        return layout.config, layout.log
+
+    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        exe = find_mosquitto()
+        if exe is None:
+            raise BrokerStartError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
+        self.port = self.port or free_port()
+        config, self.log_file = self._secure_config() if self.secure_dir is not None else self._plain_config()
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0  # a secure log is appended to
+        self.log = open(self.log_file, "ab")
+        self.proc = subprocess.Popen([exe, "-c", str(config)], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise BrokerStartError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-500:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+                self.log.close()
+                tail = self.log_file.read_bytes()[log_start:].decode(errors="replace").strip()
+                raise BrokerStartError(f"mosquitto exited: {' | '.join(tail.splitlines()[-3:])[-500:]}")
+            if self._listening(log_start):
+                return self
+            time.sleep(0.05)
         self.stop()
         raise BrokerStartError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout} s")
 
+    def _listening(self, log_start: int) -> bool:
+        if self.secure_dir is not None:
+            # its log says so (notice level): a probe connection would log a failed TLS handshake
+            return b" running" in self.log_file.read_bytes()[log_start:]
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.secure_dir is not None else 'mqtt'}://{self.host}:{self.port}"
+
+    def reload(self) -> None:
+        """Make mosquitto read its password and ACL files again (SIGHUP): a login that
+        was just provisioned works without a restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -91,6 +136,7 @@ class MosquittoBroker:
             self.log.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def restart(self) -> None:
         """Stop and start again on the same port (for reconnect tests)."""

@@ -32,8 +32,9 @@ import urllib.parse
 import uuid
 from typing import Callable
 
+from .chunking import ChunkError, Reassembler, is_chunk, split_frame
 from .errors import CodedError, EdgeqtlError
-from .wire import Frame, ProtocolError, decode_frame, encode_frame, error_frame
+from .wire import Frame, ProtocolError, decode_frame, encode_frame, error_frame, frame_ids
 
 log = logging.getLogger("edgeqtl.transport")
 
@@ -85,14 +86,18 @@ class BrokerConfig:
     cert_file: str | None = None
     key_file: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)  # never in a log line
     protocol: int = 5  # 5 or 311
     keepalive: int = 30
     nodelay: bool = True  # only the benchmark turns it off, to show the difference
+    # The largest message to send (bytes); larger frames go as chunks. None: the broker's
+    # CONNACK Maximum Packet Size (MQTT 5) alone. AWS IoT Core: 131072.
+    max_message_size: int | None = None
 
     @classmethod
     def from_url(cls, url: str, **overrides) -> "BrokerConfig":
-        """mqtt://[user:pass@]host[:port][?protocol=3.1.1]  or  mqtts://... (TLS, default port 8883)."""
+        """mqtt://[user:pass@]host[:port][?protocol=3.1.1][&max_message_size=BYTES]  or  mqtts://... (TLS,
+        default port 8883)."""
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise TransportError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
@@ -103,10 +108,13 @@ class BrokerConfig:
         proto = q.get("protocol", ["5"])[0]
         if proto not in ("5", "3.1.1", "311"):
             raise TransportError(f"protocol must be 5 or 3.1.1, got {proto!r}")
+        limit = q.get("max_message_size", [None])[0]
+        if limit is not None and not limit.isdigit():
+            raise TransportError(f"max_message_size must be a number of bytes, got {limit!r}")
         cfg = cls(host=u.hostname, port=u.port or (8883 if tls else 1883), tls=tls,
                   username=urllib.parse.unquote(u.username) if u.username else None,
                   password=urllib.parse.unquote(u.password) if u.password else None,
-                  protocol=5 if proto == "5" else 311)
+                  protocol=5 if proto == "5" else 311, max_message_size=int(limit) if limit else None)
         return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def describe(self) -> str:
@@ -138,9 +146,12 @@ class MqttEndpoint:
         self.subscriptions = list(subscriptions or [])
         self.max_packet_size = max_packet_fallback
         self._connected = threading.Event()
+        self._connected_once = False
+        self._refused = threading.Event()
         self._stopping = threading.Event()
         self._connect_error: str | None = None
         self._inbox: queue.Queue[Message | None] = queue.Queue()
+        self.reassembler = Reassembler()  # chunked frames put back together, on the worker thread
         proto = mqtt.MQTTv5 if cfg.protocol == 5 else mqtt.MQTTv311
         self._mqtt = mqtt
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto,
@@ -159,18 +170,39 @@ class MqttEndpoint:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 10.0) -> "MqttEndpoint":
+        """Connect, or say why not in one line. The first connection is made here, so that
+        a refused TLS certificate or an unreachable host is named; after it, paho's loop
+        reconnects by itself."""
+        import time
+
         self._worker.start()
+        self.client.socket_timeout = min(timeout, 10.0)
         try:
-            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+            self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        except ssl.SSLCertVerificationError as e:
+            self._worker_stop()
+            raise BrokerUnavailable(f"the TLS certificate of broker {self.cfg.describe()} could not be verified "
+                                    f"with CA file {self.cfg.ca_file or '(the system CAs)'} ({e.verify_message}); "
+                                    "pass the CA it was made with (--ca-file)") from None
         except (OSError, ValueError) as e:
-            raise BrokerUnavailable(f"cannot reach broker {self.cfg.describe()}: {e}") from None
+            self._worker_stop()
+            raise BrokerUnavailable(f"cannot reach broker {self.cfg.describe()}: {e}; is it running? "
+                                    "(`edgeqtl broker` starts one)") from None
         self.client.loop_start()
-        if not self._connected.wait(timeout):
-            self.stop()
-            why = self._connect_error or "no answer"
-            raise BrokerUnavailable(f"cannot reach broker {self.cfg.describe()} within {timeout:.0f} s ({why}); "
-                                    "is it running? (`edgeqtl broker` starts one)")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused.is_set() or time.monotonic() > deadline:
+                self.stop()
+                if self._refused.is_set():
+                    raise BrokerUnavailable(f"broker {self.cfg.describe()} refused the login ({self._connect_error})"
+                                            f"; check the username and password (or the login file) of "
+                                            f"{self.cfg.username or 'this client'}") from None
+                raise BrokerUnavailable(f"broker {self.cfg.describe()} accepted the connection but did not answer "
+                                        f"within {timeout:g} s; is it an MQTT broker?")
         return self
+
+    def _worker_stop(self) -> None:
+        self._inbox.put(None)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -203,9 +235,14 @@ class MqttEndpoint:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self._connect_error = f"broker refused the connection: {reason_code}"
-            log.warning("%s: %s", self.client_id, self._connect_error)
+            self._connect_error = str(reason_code)
+            if not self._connected_once:
+                self._refused.set()  # start() says so at once; later refusals are logged and retried
+                client.disconnect()
+            else:
+                log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
+        self._connected_once = True
         limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if limit:
             self.max_packet_size = int(limit)
@@ -215,7 +252,7 @@ class MqttEndpoint:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not self._refused.is_set():
             log.warning("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, msg):
@@ -223,11 +260,25 @@ class MqttEndpoint:
         self._inbox.put(Message(msg.topic, bytes(msg.payload), getattr(props, "ResponseTopic", None),
                                 getattr(props, "CorrelationData", None)))
 
+    def _complete(self, m: Message) -> Message | None:
+        """The message, or for a chunk the whole frame once its last chunk is here."""
+        if not is_chunk(m.payload):
+            return m
+        try:
+            whole = self.reassembler.add(m.topic, m.payload)
+        except ChunkError as e:
+            log.warning("%s: dropped a chunk on %s: %s", self.client_id, m.topic, e)
+            return None
+        return dataclasses.replace(m, payload=whole) if whole is not None else None
+
     def _work(self):
         while True:
             m = self._inbox.get()
             if m is None:
                 return
+            m = self._complete(m)
+            if m is None:
+                continue
             batch = [m]
             # Take what else is already waiting, without waiting for more: under load the
             # batches grow by themselves, and a lone request is never delayed.
@@ -239,7 +290,9 @@ class MqttEndpoint:
                 if nxt is None:
                     self._inbox.put(None)
                     break
-                batch.append(nxt)
+                nxt = self._complete(nxt)
+                if nxt is not None:
+                    batch.append(nxt)
             if self.handler is None:
                 continue
             try:
@@ -257,13 +310,34 @@ class MqttEndpoint:
             props += 4  # property length varint, at most
         return 1 + 4 + 2 + len(topic.encode()) + 2 + props + len(payload)
 
+    @property
+    def message_limit(self) -> int:
+        """The largest MQTT packet this endpoint sends: the broker's CONNACK Maximum
+        Packet Size, or the configured max_message_size when smaller."""
+        limit = self.max_packet_size
+        return min(limit, self.cfg.max_message_size) if self.cfg.max_message_size else limit
+
     def publish(self, topic: str, payload: bytes, response_topic: str | None = None,
                 correlation: bytes | None = None, qos: int = 1):
+        """Publish an encoded frame; one too large for the limit goes as chunks
+        (edgeqtl.chunking), each a message of its own on the same topic."""
+        limit = self.message_limit
         size = self.packet_size(topic, payload, response_topic, correlation)
-        if size > self.max_packet_size:
-            raise PayloadTooLarge(
-                f"message of {size} bytes exceeds the broker's maximum packet size of {self.max_packet_size} bytes "
-                f"(from its CONNACK); raise max_packet_size on the broker or send less (smaller image, fewer bits)")
+        if size <= limit:
+            return self._publish_one(topic, payload, response_topic, correlation, qos)
+        room = limit - (size - len(payload))
+        try:
+            request_id, step = frame_ids(payload)
+            chunks = split_frame(payload, request_id, step, room)
+        except (ChunkError, ProtocolError) as e:
+            raise PayloadTooLarge(f"message of {size} bytes exceeds the limit of {limit} bytes and cannot be "
+                                  f"chunked ({e}); raise the broker's max_packet_size") from None
+        for c in chunks:
+            info = self._publish_one(topic, c, response_topic, correlation, qos)
+        return info
+
+    def _publish_one(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None,
+                     qos: int):
         properties = None
         if self.cfg.protocol == 5 and (response_topic or correlation):
             from paho.mqtt.packettypes import PacketTypes

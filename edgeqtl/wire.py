@@ -329,6 +329,14 @@ def encode_frame(f: Frame) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def frame_ids(data: bytes) -> tuple[bytes, int]:
+    """(request id, step) read from an encoded frame's fixed header, without decoding it."""
+    if len(data) < _FIXED.size or data[:4] != MAGIC:
+        raise ProtocolError("not an edgeqtl frame")
+    fields = _FIXED.unpack_from(data, 0)
+    return bytes(fields[7]), fields[9]
+
+
 def header_nbytes(f: Frame) -> int:
     """Bytes a frame adds around its payload (header + CRC)."""
     return _FIXED.size + 4 * len(f.shape) + 1 + len(f.device_id.encode()) + 2 + len(f.reply_topic.encode()) + 4 + 4

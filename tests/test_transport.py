@@ -77,14 +77,34 @@ def test_duplicate_request_is_answered_from_cache(mosquitto):
     assert replies[0] == replies[1]
 
 
-def test_oversize_payload_is_refused_before_sending():
+def test_oversize_payload_that_is_not_a_frame_is_refused_before_sending():
     with MosquittoBroker(max_packet_size=4096) as broker:
         cfg = BrokerConfig(port=broker.port)
         with MqttEndpoint(cfg, "big") as ep:
             assert ep.max_packet_size == 4096  # from the CONNACK
             ep.publish("edgeqtl/v1/x", b"\0" * 2000)
-            with pytest.raises(PayloadTooLarge, match="maximum packet size of 4096"):
+            with pytest.raises(PayloadTooLarge, match="limit of 4096 bytes"):
                 ep.publish("edgeqtl/v1/x", b"\0" * 8192)
+
+
+@pytest.mark.parametrize("limit", ["connack", "configured"])
+def test_frames_over_the_limit_travel_as_chunks_both_ways(limit):
+    """A request of ~60 KB through a broker that takes 4 KB messages (CONNACK), or one
+    whose user capped messages at 4 KB (AWS IoT Core style, MQTT 3.1.1 too): it arrives
+    whole, and so does a large reply."""
+    def big_echo(frame):
+        codes = frame.array()
+        return codes_frame(FrameKind.ANSWER, codes, 4, request_id=frame.request_id, fingerprint=frame.fingerprint)
+
+    kw = {"max_packet_size": 4096} if limit == "connack" else {}
+    with MosquittoBroker(**kw) as broker:
+        cfg = BrokerConfig(port=broker.port, **({} if limit == "connack" else {"max_message_size": 4096,
+                                                                                 "protocol": 311}))
+        with Responder(cfg, one_by_one(big_echo)) as srv, RequestClient(cfg, "dev-big") as dev:
+            codes, req = _request(shape=(1, 120, 2048), seed=5)
+            reply = dev.request(req, timeout=10)
+            assert np.array_equal(reply.array(), codes)
+            assert srv.endpoint.reassembler.pending_frames == 0 and dev.endpoint.reassembler.pending_frames == 0
 
 
 def test_corrupt_frame_gets_an_error_and_the_next_request_is_answered(mosquitto):

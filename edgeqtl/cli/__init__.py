@@ -4,7 +4,7 @@ and calls into the package; torch is imported inside the commands that need it, 
 
     workstation  train, eval, export, merge          (cli/model.py)
     data         data export, data check              (cli/data.py)
-    lab          broker, server serve, server train  (cli/serve.py)
+    lab          broker, server serve, server train  (cli/serve.py), provision (cli/provision.py)
     device       device ask, device run, device train (cli/device.py)
     everything   demo                                (cli/demo.py)
 """
@@ -18,6 +18,7 @@ from .data import data
 from .demo import demo
 from .device import device
 from .model import evaluate, export, merge, train
+from .provision import provision
 from .serve import broker, server
 
 
@@ -34,6 +35,6 @@ def main():
     """
 
 
-COMMANDS = [train, evaluate, export, merge, data, broker, server, device, demo]
+COMMANDS = [train, evaluate, export, merge, data, broker, provision, server, device, demo]
 for command in COMMANDS:
     main.add_command(command)

@@ -2,6 +2,7 @@
 and small helpers. Torch is never imported here (the device commands stay torch-free)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import time
@@ -58,8 +59,13 @@ def levels_from(bits: int | None, levels: int | None) -> int | None:
 
 
 def broker_options(fn):
-    fn = click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883", show_default=True,
-                      help="mqtt://[user:pass@]host[:port] or mqtts://...; add ?protocol=3.1.1 for old brokers.")(fn)
+    fn = click.option("--broker", "broker_url", default=None,
+                      help="mqtt://[user:pass@]host[:port] or mqtts://...; add ?protocol=3.1.1 for old brokers, "
+                           "&max_message_size=BYTES for brokers with a message limit (AWS IoT: 131072). Default: "
+                           "the --login file's broker, else mqtt://127.0.0.1:1883.")(fn)
+    fn = click.option("--login", type=click.Path(exists=True, dir_okay=False), default=None,
+                      help="A login file from `edgeqtl provision` (edgeqtl-device.json / edgeqtl-server.json): "
+                           "broker, username, password or client certificate, CA.")(fn)
     fn = click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
                       help="CA certificate for mqtts://.")(fn)
     fn = click.option("--cert-file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -69,10 +75,33 @@ def broker_options(fn):
     return fn
 
 
-def broker_config(broker_url: str, ca_file: str | None, cert_file: str | None, key_file: str | None):
+def broker_config(broker_url: str | None, ca_file: str | None, cert_file: str | None, key_file: str | None,
+                  login: str | None = None):
+    """The broker to connect to: from --login (a provisioned login), else --broker; the
+    certificate options override either."""
     from edgeqtl.transport import BrokerConfig
 
-    return BrokerConfig.from_url(broker_url, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    files = dict(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    if login is not None:
+        from edgeqtl.security import load_credentials
+
+        creds = load_credentials(login)
+        cfg = creds.broker_config(**{k: v for k, v in files.items() if v is not None})
+        if broker_url is not None:  # another address for the same broker (e.g. its LAN name)
+            other = BrokerConfig.from_url(broker_url)
+            cfg = dataclasses.replace(cfg, host=other.host, port=other.port, protocol=other.protocol,
+                                      max_message_size=other.max_message_size or cfg.max_message_size)
+        return cfg
+    return BrokerConfig.from_url(broker_url or "mqtt://127.0.0.1:1883", **files)
+
+
+def login_id(login: str | None) -> str | None:
+    """The id a login file was provisioned for (a device's id, a server's id)."""
+    if login is None:
+        return None
+    from edgeqtl.security import load_credentials
+
+    return load_credentials(login).id
 
 
 def device_id_option(fn):
