@@ -37,6 +37,16 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     sha256: str = ""
+    data_files: list[str] = dataclasses.field(default_factory=list)  # external weights beside the graph
+
+
+@dataclasses.dataclass
+class FileSpec:
+    """One file of the bundle, relative to its directory."""
+
+    name: str
+    size: int
+    sha256: str
 
 
 @dataclasses.dataclass
@@ -69,6 +79,9 @@ class BundleManifest:
     server_dir: str = "server"
     # Per-dimension code counts (code_dim x levels) for entropy coding; None: plain packing.
     entropy: list | None = None
+    # Every file of the bundle but this manifest, the server half's included, with its size and sha256.
+    files: list[FileSpec] = dataclasses.field(default_factory=list)
+    max_context: int | None = None  # the model's context length: longer prompts are refused before sending
 
     @property
     def fingerprint_bytes(self) -> bytes:
@@ -100,6 +113,32 @@ class BundleManifest:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def device_files(self) -> list[str]:
+        """What a device needs: every graph with its external data, and the tokenizer."""
+        names = [self.text.tokenizer_file]
+        for g in self.graphs:
+            names += [g.file, *g.data_files]
+        return names
+
+    def check_files(self, directory: str | Path, names: list[str] | None = None, hashes: bool = False) -> None:
+        """Each listed file (default: the device's) is there at its size, and with
+        hashes=True has its sha256: a truncated or partial copy is refused by name."""
+        directory = Path(directory)
+        specs = {f.name: f for f in self.files}
+        for name in names if names is not None else self.device_files():
+            path = directory / name
+            spec = specs.get(name)
+            if not path.is_file():
+                raise BundleError(f"bundle {directory} is missing {name}; copy the whole bundle directory")
+            if spec is None:
+                continue  # not listed (a bundle from before file lists): nothing to compare
+            if path.stat().st_size != spec.size:
+                raise BundleError(f"bundle file {name} is {path.stat().st_size} bytes, the manifest says {spec.size}: "
+                                  "a truncated or partial copy; copy the bundle again (rsync -a --checksum)")
+            if hashes and file_sha256(path) != spec.sha256:
+                raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: corrupt; copy the "
+                                  "bundle again")
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -117,6 +156,7 @@ class BundleManifest:
             d["text"] = TextSpec(**{**d["text"], "chat": ChatFormat.from_dict(d["text"]["chat"])})
             d["graphs"] = [GraphSpec(**{**g, "inputs": [TensorSpec(**t) for t in g["inputs"]],
                                         "outputs": [TensorSpec(**t) for t in g["outputs"]]}) for g in d["graphs"]]
+            d["files"] = [FileSpec(**f) for f in d.get("files", [])]
             m = cls(**d)
         except BundleError:
             raise
@@ -139,3 +179,14 @@ class BundleManifest:
         except json.JSONDecodeError as e:
             raise BundleError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Streamed: a 2 GB weight file is never read into memory at once."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -20,19 +19,17 @@ from pathlib import Path
 import torch
 
 from edgeqtl import shapes
-from edgeqtl.bundle import TARGETS, BundleManifest, GraphSpec, TensorSpec, TextSpec
-from edgeqtl.imageproc import ImageSpec
-from edgeqtl.prompt import ChatFormat, load_chat
-from edgeqtl.models.load import CheckpointError, load_split_model, read_split_meta
+from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
+from edgeqtl.memory import available_mb, peak_rss_mb
 from edgeqtl.models.batches import image_spec_of
+from edgeqtl.models.load import CheckpointError, load_prompts, load_split_model, read_split_meta
 from edgeqtl.models.server_half import save_server_half
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
+from .calibration import fit_entropy_model, user_samples, world_samples
 from .graphs import export_decode, export_prefill, kv_shape
-
-OPSET = 18
-# Kept in fp32 in the jetson graph: normalisation and softmax lose too much in fp16.
-FP16_BLOCK = ["ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div", "Softmax", "LayerNormalization", "Erf", "Exp"]
+from .variants import OPSET, convert_fp16, file_spec, graph_spec, quantize_int8
+from .verify import reference, verify_graphs
 
 
 @dataclasses.dataclass
@@ -43,7 +40,11 @@ class ExportOptions:
     levels: int | None = None
     target: str = "cpu"
     verify: bool = True
-    verify_per_family: int = 100
+    verify_per_family: int = 100  # a built-in world's held-out questions per family
+    calibration_data: Path | None = None  # a folder of images or a LLaVA data file (export/calibration.py)
+    calibration_samples: int | None = None  # to fit the entropy model (default: 256; 32 at real size)
+    verify_samples: int | None = None  # with calibration data or at real size (default 4)
+    batch_size: int | None = None  # PyTorch's batches (default: 64; 2 at real size)
 
 
 @dataclasses.dataclass
@@ -53,6 +54,10 @@ class ExportResult:
     seconds: float
     files: dict[str, int]
     verification: "object | None" = None
+    peak_rss_mb: float = 0.0
+
+
+REAL_SIZE_BYTES = 200_000_000  # a checkpoint above this is exported the real-size way
 
 
 def resolve_split(model_dir: Path, cut: int | None, levels: int | None) -> tuple[SplitConfig, bool]:
@@ -72,95 +77,9 @@ def resolve_split(model_dir: Path, cut: int | None, levels: int | None) -> tuple
     return SplitConfig(cut=cut or 0, levels=levels or 4), False
 
 
-def text_spec(model: SplitModel, model_dir: Path, tokenizer) -> TextSpec:
-    image_id = model.parts.image_token_id
-    chat = load_chat(model_dir)
-    if chat is None:  # a plain HF checkpoint: the LLaVA-1.5 style template
-        chat = {"chat": ChatFormat.from_template("USER: {image}\n{prompt} ASSISTANT:"),
-                "image_token": tokenizer.id_to_token(image_id)}
-    if tokenizer.token_to_id(chat["image_token"]) != image_id:
-        raise CheckpointError(f"the tokenizer maps {chat['image_token']!r} to {tokenizer.token_to_id(chat['image_token'])} "
-                              f"but the model's image_token_index is {image_id}")
-    text_cfg = model.parts.decoder.config
-    eos = tokenizer.token_to_id(chat.get("eos_token", "")) if chat.get("eos_token") else None
-    eos = eos if eos is not None else (text_cfg.eos_token_id if isinstance(text_cfg.eos_token_id, int) else 0)
-    pad = tokenizer.token_to_id(chat.get("pad_token", "")) if chat.get("pad_token") else None
-    pad = pad if pad is not None else (text_cfg.pad_token_id if text_cfg.pad_token_id is not None else eos)
-    return TextSpec("tokenizer.json", chat["chat"], chat["image_token"], image_id, model.num_image_tokens, int(eos),
-                    int(pad))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-_ORT_DTYPES = {"tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(float)": "float32",
-               "tensor(float16)": "float16", "tensor(int32)": "int32"}
-
-
-def _tensor_specs(session_io, names) -> list[TensorSpec]:
-    by_name = {x.name: x for x in session_io}
-    return [TensorSpec(n, _ORT_DTYPES.get(by_name[n].type, by_name[n].type),
-                       [d if isinstance(d, int) else str(d) for d in by_name[n].shape]) for n in names]
-
-
-def _graph_spec(path: Path, role: str, variant: str, inputs, outputs) -> GraphSpec:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return GraphSpec(role, variant, path.name, OPSET, _tensor_specs(sess.get_inputs(), inputs),
-                     _tensor_specs(sess.get_outputs(), outputs), _sha256(path))
-
-
-ENTROPY_SAMPLES = 256
-ENTROPY_SEED = 20_231  # generated training questions, never the held-out set
-
-
-@torch.no_grad()
-def fit_entropy_model(model, out: Path, text: TextSpec, image: ImageSpec):
-    """Per-dimension code histograms of the PyTorch client on generated samples (the
-    prompt's text tokens and the image tokens alike), for entropy coding on the wire."""
-    import numpy as np
-
-    from edgeqtl.codec import EntropyModel
-    from edgeqtl.imageproc import preprocess
-    from edgeqtl.prompt import PromptEncoder
-
-    samples = shapes.train_batch(ENTROPY_SEED, 0, ENTROPY_SAMPLES)
-    ids, mask = PromptEncoder.from_bundle(out, text).encode([s.question for s in samples])
-    pix = preprocess(np.stack([s.image for s in samples]), image)
-    codes = model.client(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pix)).wire.numpy()
-    return EntropyModel.from_codes(codes[mask.astype(bool)], model.split.levels)
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """int8 weights (per output channel) for every MatMul but the quantizer's in_proj, whose
-    outputs are rounded straight to codes. Measured on the untrained tiny preset at cut 2
-    (2-bit range 1.49 sigma): per-tensor int8 kept 96.8% of the codes, and 97.0% with the
-    in_proj in fp32; per-channel with the in_proj in fp32 keeps 97.5% (the check needs 97%)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=[_final_projection(onnx.load(str(src), load_external_data=False))])
-
-
-def _final_projection(model) -> str:
-    """The last MatMul with a weight initializer: the quantizer's in_proj (nodes are in
-    topological order, and nothing but normalisation and rounding follows it)."""
-    weights = {t.name for t in model.graph.initializer}
-    names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
-    if not names:
-        raise ValueError("the client graph has no MatMul with weights; nothing to quantize")
-    return names[-1]
-
-
-def convert_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=FP16_BLOCK)
-    onnx.save(model, str(dst))
+def text_spec(model: SplitModel, prompts) -> TextSpec:
+    return TextSpec("tokenizer.json", prompts.chat, prompts.image_token, model.parts.image_token_id,
+                    model.num_image_tokens, int(prompts.eos_token_id), int(prompts.pad_token_id))
 
 
 class _quiet:
@@ -194,8 +113,14 @@ def export_bundle(opts: ExportOptions, progress=print) -> ExportResult:
 
 
 def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
-    from tokenizers import Tokenizer
+    """Load, fit and verify with PyTorch, save the server half, export the client's fp32
+    graphs, free PyTorch, make the variants, write the manifest, verify with ONNX Runtime:
+    one model in memory at a time."""
+    import gc
 
+    from tqdm import tqdm
+
+    say = progress or (lambda line: None)
     if opts.target not in TARGETS:
         raise CheckpointError(f"target must be one of {TARGETS}, got {opts.target!r}")
     t0 = time.time()
@@ -203,25 +128,104 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     split, trained = resolve_split(model_dir, opts.cut, opts.levels)
     if split.quantizer == "identity":
         raise CheckpointError("an identity split sends float32 hidden states; export a trained fsq or fp16 model")
-    model = load_split_model(model_dir, split)
-    model.eval()
-    if not trained and progress is not None:
-        progress(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
-                 "(train it with `edgeqtl train --model ...` for useful codes)")
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{model_dir} has no tokenizer.json; the device needs it to tokenise prompts")
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    text = text_spec(model, model_dir, tokenizer)
-    image = image_spec_of(model)
+    check_memory(model_dir)
+    model = load_split_model(model_dir, split).eval()
+    if not trained:
+        say(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
+            "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
+    prompts = load_prompts(model_dir, model)
+    text, image = text_spec(model, prompts), image_spec_of(model)
+    big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
     fp = fingerprint(model)
+    fit, check = _samples(opts, model_dir, big, say)
+    batch = opts.batch_size or (2 if big else 64)
 
     if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file():
+        if not (out / MANIFEST_FILE).is_file():
             raise FileExistsError(f"{out} exists and is not an edgeqtl bundle; choose an empty --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
+    entropy = None
+    if split.quantizer == "fsq":
+        bar = tqdm(total=len(fit), desc="fit entropy model", disable=progress is None, dynamic_ncols=True)
+        entropy = fit_entropy_model(model, fit, prompts, image, batch, bar.update)
+        bar.close()
+    ref = None
+    if opts.verify:
+        bar = tqdm(total=len(check), desc="PyTorch reference", disable=progress is None, dynamic_ncols=True)
+        ref = reference(model, check, prompts, image, batch, bar.update)
+        bar.close()
+    heads, head_dim = kv_shape(model.client)
+    prompts.save(out)
+    save_server_half(model, out / "server", fp, out / "tokenizer.json",
+                     extra={"text": dataclasses.asdict(text), "entropy": entropy.to_list() if entropy else None,
+                            "max_context": max_context_of(model)})
+    gate = read_split_meta(model_dir).get("step", 0) > 0
+    server = None if big else model.server  # small: kept, to compare answers too
+    graphs = _export_graphs(model, out, text, image, split.cut, big, progress)
+    hidden, layers = model.hidden_size, model.num_layers
+    del model
+    gc.collect()
+    graphs = _variants(graphs, out, opts.target, progress)
+    manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
+                              code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
+                              num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
+                              graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
+                              max_context=max_context_of_dir(out / "server"))
+    manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
+    manifest.save(out)
+    result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
+    if ref is not None:
+        say(f"verifying {len(manifest.graphs)} graph(s) against PyTorch")
+        result.verification = verify_graphs(out, manifest, ref, server, gate_accuracy=gate)
+    result.seconds = time.time() - t0
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _checkpoint_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def check_memory(model_dir: Path) -> None:
+    """Refuse, with one line, an export this machine's memory cannot hold (measured peak:
+    about 2x the checkpoint's fp32 size), instead of being killed by the kernel half-way."""
+    need = 2 * _checkpoint_bytes(model_dir) / 2 ** 20
+    have = available_mb()
+    if have is not None and need > have:
+        raise CheckpointError(f"exporting {model_dir} needs about {need / 1024:.1f} GB of memory and "
+                              f"{have / 1024:.1f} GB is available; close other programs or export on a larger "
+                              "machine")
+
+
+def _samples(opts: ExportOptions, model_dir: Path, big: bool, say) -> tuple[list, list]:
+    """(samples to fit the entropy model on, samples to verify on)."""
+    n_fit = opts.calibration_samples or (32 if big else 256)
+    n_check = opts.verify_samples or (4 if big else opts.verify_per_family * len(shapes.FAMILIES))
+    if opts.calibration_data is not None:
+        both = user_samples(opts.calibration_data, max(n_fit, n_check))
+        return both[:n_fit], both[:n_check]
+    if read_split_meta(model_dir).get("world") != "shapes":
+        say("warning: no --calibration-data: fitting the entropy model on shapes images; give a folder of images "
+            "like the device's (or your LLaVA data file) for codes as the device will send them")
+    return world_samples(n_fit, heldout=False), world_samples(n_check, heldout=True)
+
+
+def max_context_of(model: SplitModel) -> int | None:
+    return getattr(model.parts.decoder.config, "max_position_embeddings", None)
+
+
+def max_context_of_dir(server_dir: Path) -> int | None:
+    return json.loads((server_dir / "edgeqtl_server.json").read_text()).get("max_context")
+
+
+def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int, big: bool,
+                   progress) -> list[tuple[str, Path, list[str], list[str]]]:
+    """The client half's fp32 graphs: (role, path, inputs, outputs)."""
     # example inputs: batch 2 and seq > 1, so that the exporter keeps both dynamic
     n_img = model.num_image_tokens
     ids = torch.full((2, n_img + 6), text.pad_token_id, dtype=torch.long)
@@ -230,49 +234,35 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
     pix = torch.zeros(2, 3, image.size, image.size)
+    todo = [("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET, external_data=big))]
+    if cut > 0:
+        todo.append(("decode", lambda p: export_decode(model.client, p, opset=OPSET, external_data=big)))
+    done = []
+    for role, fn in todo:
+        if progress is not None:
+            progress(f"exporting the client's {role} graph")
+        path = out / f"client_{role}.onnx"
+        with torch.inference_mode():
+            inputs, outputs = fn(path)
+        done.append((role, path, inputs, outputs))
+    return done
 
-    graphs: list[GraphSpec] = []
-    steps = [("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET))]
-    if split.cut > 0:
-        steps.append(("decode", lambda p: export_decode(model.client, p, opset=OPSET)))
-    from tqdm import tqdm
 
-    bar = tqdm(total=len(steps) * 2, desc="export", dynamic_ncols=True, disable=progress is None)
-    for role, fn in steps:
-        fp32 = out / f"client_{role}.onnx"
-        with torch.no_grad():
-            inputs, outputs = fn(fp32)
-        bar.update(1)
-        if opts.target in ("cpu", "arm64"):
-            graphs.append(_graph_spec(fp32, role, "fp32", inputs, outputs))
+def _variants(graphs, out: Path, target: str, progress) -> list:
+    """fp32 + int8 (cpu, arm64) or fp16 alone (jetson), as GraphSpecs."""
+    specs = []
+    for role, fp32, inputs, outputs in graphs:
+        if target in ("cpu", "arm64"):
+            specs.append(graph_spec(fp32, role, "fp32", inputs, outputs))
+            if progress is not None:
+                progress(f"quantizing the {role} graph to int8")
             int8 = out / f"client_{role}.int8.onnx"
             quantize_int8(fp32, int8)
-            graphs.append(_graph_spec(int8, role, "int8", inputs, outputs))
+            specs.append(graph_spec(int8, role, "int8", inputs, outputs))
         else:  # jetson
             fp16 = out / f"client_{role}.fp16.onnx"
             convert_fp16(fp32, fp16)
-            fp32.unlink()
-            graphs.append(_graph_spec(fp16, role, "fp16", inputs, outputs))
-        bar.update(1)
-    bar.close()
-
-    heads, head_dim = kv_shape(model.client)
-    shutil.copy(tok_path, out / "tokenizer.json")
-    entropy = fit_entropy_model(model, out, text, image) if split.quantizer == "fsq" else None
-    manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
-                              code_dim=split.code_dim if split.quantizer == "fsq" else model.hidden_size,
-                              hidden_size=model.hidden_size, num_layers=model.num_layers, num_kv_heads=heads,
-                              head_dim=head_dim, image=image, text=text, graphs=graphs, target=opts.target,
-                              entropy=entropy.to_list() if entropy is not None else None)
-    manifest.save(out)
-    save_server_half(model, out / manifest.server_dir, fp, tok_path,
-                     extra={"text": dataclasses.asdict(text), "entropy": manifest.entropy})
-    result = ExportResult(manifest, out, time.time() - t0,
-                          {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()})
-    if opts.verify:
-        from .verify import verify_bundle
-
-        result.verification = verify_bundle(model, out, manifest, tokenizer, opts.verify_per_family,
-                                            gate_accuracy=read_split_meta(model_dir).get("step", 0) > 0)
-    return result
-
+            for f in [fp32, *[out / n for n in graph_spec(fp32, role, "fp32", inputs, outputs).data_files]]:
+                f.unlink()
+            specs.append(graph_spec(fp16, role, "fp16", inputs, outputs))
+    return specs

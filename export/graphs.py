@@ -55,7 +55,8 @@ def kv_shape(client: ClientHalf) -> tuple[int, int]:
     return heads, head_dim
 
 
-def export_prefill(client: ClientHalf, path, example, opset: int = 18) -> tuple[list[str], list[str]]:
+def export_prefill(client: ClientHalf, path, example, opset: int = 18,
+                   external_data: bool = False) -> tuple[list[str], list[str]]:
     """example = (pixel_values, input_ids, attention_mask) with batch >= 2 and seq >= 2:
     the dynamo exporter silently fixes a dimension whose example size is 1."""
     graph = PrefillGraph(client).eval()
@@ -65,13 +66,14 @@ def export_prefill(client: ClientHalf, path, example, opset: int = 18) -> tuple[
     inputs = ["pixel_values", "input_ids", "attention_mask"]
     outputs = ["codes", *cache_names(cut, "present")]
     torch.onnx.export(graph, example, str(path), dynamo=True, opset_version=opset, input_names=inputs,
-                      output_names=outputs, external_data=False, verbose=False,
+                      output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch, 1: seq},
                                       "attention_mask": {0: batch, 1: seq}})
     return inputs, outputs
 
 
-def export_decode(client: ClientHalf, path, batch_size: int = 2, past_len: int = 7, opset: int = 18):
+def export_decode(client: ClientHalf, path, batch_size: int = 2, past_len: int = 7, opset: int = 18,
+                  external_data: bool = False):
     graph = DecodeGraph(client).eval()
     cut = graph.cut
     heads, head_dim = kv_shape(client)
@@ -86,5 +88,5 @@ def export_decode(client: ClientHalf, path, batch_size: int = 2, past_len: int =
     dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past_dim + 1},
            "past": tuple({0: batch, 2: past_dim} for _ in range(2 * cut))}
     torch.onnx.export(graph, (ids, mask, *past), str(path), dynamo=True, opset_version=opset, input_names=inputs,
-                      output_names=outputs, external_data=False, verbose=False, dynamic_shapes=dyn)
+                      output_names=outputs, external_data=external_data, verbose=False, dynamic_shapes=dyn)
     return inputs, outputs

@@ -1,14 +1,17 @@
 """Verification of an exported bundle against the PyTorch split model it came from.
 
-For each client graph variant, on held-out shapes questions, tokenised and preprocessed
-exactly as the device does (edgeqtl.prompt, edgeqtl.imageproc):
+PyTorch runs first, on the verification samples, tokenised and preprocessed exactly as
+the device does (edgeqtl.prompt, edgeqtl.imageproc); its codes are kept (`Reference`),
+so that the PyTorch model can be freed before ONNX Runtime loads the graphs (a real-size
+export holds one model at a time). Then, for each graph variant:
   - agreement: the fraction of code elements (valid positions only) equal to PyTorch's
     (fp16-baseline wires: elements within 1e-2 relative), and the fraction within one
     level of it ("near");
-  - accuracy: the ONNX client's codes through the PyTorch server half, against the pure
-    PyTorch pipeline's accuracy on the same questions;
-  - decode (cut > 0): prefill then token-by-token decode steps with the bundle's cache,
-    against PyTorch's incremental client.
+  - accuracy (when the server half is still at hand, i.e. small models, and the samples
+    have answers): the ONNX client's codes through the PyTorch server half, against the
+    pure PyTorch pipeline's accuracy on the same questions;
+  - decode (cut > 0): prefill then token-by-token decode steps with the bundle's own KV
+    cache, against PyTorch's incremental client.
 Thresholds: fp32 agreement >= 99.9%; int8 and fp16, which are lossy by design, >= 99.5%
 of codes within one level and >= 85% equal (a broken graph lands far below both: random
 codes at 4 levels agree 25%); for a trained model, accuracy within 1 point of PyTorch's.
@@ -24,14 +27,14 @@ import dataclasses
 import numpy as np
 import torch
 
-from edgeqtl import shapes
 from edgeqtl.device_agent.session import open_session
-from edgeqtl.imageproc import preprocess
-from edgeqtl.prompt import PromptEncoder
+
+from .calibration import Inputs, batches, client_codes
 
 MIN_AGREEMENT = {"fp32": 0.999, "int8": 0.85, "fp16": 0.85}
 MIN_NEAR = {"fp32": 0.999, "int8": 0.995, "fp16": 0.995}
 MAX_ACCURACY_DROP = 0.01
+DECODE_TOKENS = 4
 
 
 @dataclasses.dataclass
@@ -61,20 +64,26 @@ class VerifyReport:
         return all(r.ok for r in self.rows)
 
     def table(self) -> str:
-        lines = [f"verification on {self.n_samples} held-out questions (ONNX Runtime vs PyTorch)",
+        lines = [f"verification on {self.n_samples} samples (ONNX Runtime vs PyTorch)",
                  f"{'graph':<16}{'agreement':>11}{'needs':>9}{'near':>9}{'accuracy':>10}{'torch':>8}  result"]
         for r in self.rows:
             acc = f"{100 * r.accuracy:>9.2f}%" if r.accuracy is not None else f"{'-':>10}"
             tacc = f"{100 * r.torch_accuracy:>7.2f}%" if r.torch_accuracy is not None else f"{'-':>8}"
             lines.append(f"{r.graph:<16}{100 * r.agreement:>10.3f}%{100 * r.threshold:>8.1f}%{100 * r.near:>8.2f}%"
-                         f"{acc}{tacc}  "
-                         f"{'ok' if r.ok else 'FAIL'}{'' if r.gate_accuracy else ' (untrained: codes judged only)'}")
+                         f"{acc}{tacc}  {'ok' if r.ok else 'FAIL'}"
+                         f"{'' if r.gate_accuracy else ' (untrained: codes judged only)'}")
         return "\n".join(lines)
 
 
-def session(path, threads: int = 2):
-    """The graph opened as the device opens it, on the CPU (verification's reference)."""
-    return open_session(path, "cpu", threads)
+@dataclasses.dataclass
+class Reference:
+    """What PyTorch produced on the verification samples."""
+
+    inputs: list[Inputs]
+    codes: list[np.ndarray]
+    answer_ids: list[np.ndarray]  # each sample's first answer token id (-1: no answer)
+    decode_tokens: list[np.ndarray]  # cut > 0: the tokens fed one by one after the prefill
+    decode_codes: list[np.ndarray]  # ... and PyTorch's codes for each
 
 
 def _agree(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
@@ -86,72 +95,92 @@ def _agree(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[float, floa
     return float(eq[valid].mean()), float(eq[valid].mean())
 
 
-@torch.no_grad()
-def verify_bundle(model, bundle_dir, manifest, tokenizer, per_family: int = 100, batch: int = 100,
-                  gate_accuracy: bool = True) -> VerifyReport:
-    """gate_accuracy=False: report accuracy but judge the codes only (an untrained model
-    answers at chance, and 1 point of chance moves with a single question)."""
-    samples = shapes.heldout(per_family)
-    enc = PromptEncoder.from_spec(tokenizer, manifest.text)
-    answer_ids = [tokenizer.encode(s.answer, add_special_tokens=False).ids[:1] for s in samples]
-    answer_ids = np.array([a[0] if a else -1 for a in answer_ids])
-    prefill = [g for g in manifest.graphs if g.role == "prefill"]
-    sessions = {g.variant: session(bundle_dir / g.file) for g in prefill}
-    agree = {v: [] for v in sessions}
-    correct = {v: [] for v in sessions}
-    torch_correct = []
-    for i in range(0, len(samples), batch):
-        chunk = samples[i:i + batch]
-        ids, mask = enc.encode([s.question for s in chunk])
-        pix = preprocess(np.stack([s.image for s in chunk]), manifest.image)
-        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        ref = model.client(t_ids, t_mask, torch.from_numpy(pix)).wire
-        truth = answer_ids[i:i + batch]
-        torch_correct += list(model.server(ref, t_mask)[:, -1].argmax(-1).numpy() == truth)
-        valid = np.broadcast_to(mask.astype(bool)[..., None], ref.shape)
-        for variant, sess in sessions.items():
-            codes = sess.run(["codes"], {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})[0]
-            agree[variant].append(_agree(codes, ref.numpy(), valid))
-            pred = model.server(torch.from_numpy(codes), t_mask)[:, -1].argmax(-1).numpy()
-            correct[variant] += list(pred == truth)
-    torch_acc = float(np.mean(torch_correct))
-    rows = [VerifyRow(f"prefill/{v}", *np.mean(agree[v], axis=0).tolist(), float(np.mean(correct[v])), torch_acc,
-                      MIN_AGREEMENT[v], gate_accuracy) for v in sessions]
-    if manifest.cut > 0:
-        for g in manifest.graphs:
-            if g.role == "decode":
-                exact, near = verify_decode(model, bundle_dir, manifest, enc, samples[:: max(1, len(samples) // 20)],
-                                            g.variant)
-                rows.append(VerifyRow(f"decode/{g.variant}", exact, near, None, None, MIN_AGREEMENT[g.variant],
-                                      gate_accuracy))
-    return VerifyReport(rows, len(samples))
+def _first_answer_ids(prompts, answers) -> np.ndarray:
+    ids = [prompts.tok.encode(a, add_special_tokens=False).ids[:1] if a else [] for a in answers]
+    return np.array([i[0] if i else -1 for i in ids])
 
 
-@torch.no_grad()
-def verify_decode(model, bundle_dir, manifest, enc: PromptEncoder, samples, variant: str,
-                  new_tokens: int = 4) -> tuple[float, float]:
-    """Prefill, then feed `new_tokens` tokens one at a time through the decode graph with
-    the bundle's KV cache; compare each step's codes with PyTorch's incremental client."""
+@torch.inference_mode()
+def reference(model, samples, prompts, image, batch_size: int, progress=None) -> Reference:
+    """Run the PyTorch client on the samples (and at cut > 0, a few decode steps)."""
     from edgeqtl.models.split import KVCache
 
-    pre = session(bundle_dir / manifest.graph("prefill", variant).file)
-    dec = session(bundle_dir / manifest.graph("decode", variant).file)
-    ids, mask = enc.encode([s.question for s in samples])
-    pix = preprocess(np.stack([s.image for s in samples]), manifest.image)
-    outs = pre.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
-    past = outs[1:]
-    cache = KVCache()
-    model.client(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pix), cache)
-    rng = np.random.default_rng(0)
+    ref = Reference([], [], [], [], [])
+    for inputs in batches(samples, prompts, image, batch_size):
+        ref.inputs.append(inputs)
+        ref.codes.append(client_codes(model, inputs))
+        ref.answer_ids.append(_first_answer_ids(prompts, inputs.answers))
+        if progress is not None:
+            progress(len(inputs.answers))
+    if model.split.cut > 0:
+        first = ref.inputs[0]
+        cache = KVCache()
+        mask = torch.from_numpy(first.attention_mask)
+        model.client(torch.from_numpy(first.input_ids), mask, torch.from_numpy(first.pixel_values), cache)
+        rng = np.random.default_rng(0)
+        for _ in range(DECODE_TOKENS):
+            tok = rng.integers(0, prompts.tok.get_vocab_size(), size=(len(first.answers), 1)).astype(np.int64)
+            tok[tok == prompts.image_token_id] = prompts.pad_token_id
+            mask = torch.cat([mask, torch.ones(len(first.answers), 1, dtype=torch.long)], dim=1)
+            ref.decode_tokens.append(tok)
+            ref.decode_codes.append(model.client(torch.from_numpy(tok), mask, None, cache).wire.numpy())
+    return ref
+
+
+@torch.inference_mode()
+def _server_predictions(server, codes: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return server(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask))[:, -1].argmax(-1).numpy()
+
+
+def verify_graphs(bundle_dir, manifest, ref: Reference, server=None, gate_accuracy: bool = True,
+                  threads: int = 2) -> VerifyReport:
+    """Each graph variant against the reference. `server` (the PyTorch server half, or
+    None) adds the accuracy columns."""
+    has_answers = server is not None and any((a >= 0).any() for a in ref.answer_ids)
+    torch_acc = None
+    if has_answers:
+        hits = [(_server_predictions(server, c, x.attention_mask) == a)[a >= 0]
+                for c, x, a in zip(ref.codes, ref.inputs, ref.answer_ids)]
+        torch_acc = float(np.concatenate(hits).mean())
+    rows = []
+    for g in [g for g in manifest.graphs if g.role == "prefill"]:
+        sess = open_session(bundle_dir / g.file, "cpu", threads)
+        agree, hits = [], []
+        for x, codes, answers in zip(ref.inputs, ref.codes, ref.answer_ids):
+            out = sess.run(["codes"], {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
+                                       "attention_mask": x.attention_mask})[0]
+            agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None], codes.shape)))
+            if has_answers:
+                hits.append((_server_predictions(server, out, x.attention_mask) == answers)[answers >= 0])
+        exact, near = np.mean(agree, axis=0).tolist()
+        rows.append(VerifyRow(f"prefill/{g.variant}", exact, near,
+                              float(np.concatenate(hits).mean()) if has_answers else None, torch_acc,
+                              MIN_AGREEMENT[g.variant], gate_accuracy))
+        del sess
+    if manifest.cut > 0:
+        for g in [g for g in manifest.graphs if g.role == "decode"]:
+            exact, near = _verify_decode(bundle_dir, manifest, ref, g.variant, threads)
+            rows.append(VerifyRow(f"decode/{g.variant}", exact, near, None, None, MIN_AGREEMENT[g.variant],
+                                  gate_accuracy))
+    return VerifyReport(rows, sum(len(x.answers) for x in ref.inputs))
+
+
+def _verify_decode(bundle_dir, manifest, ref: Reference, variant: str, threads: int) -> tuple[float, float]:
+    """Prefill, then the reference's tokens one at a time through the decode graph with
+    the bundle's own KV cache; each step's codes against PyTorch's."""
+    pre = open_session(bundle_dir / manifest.graph("prefill", variant).file, "cpu", threads)
+    dec = open_session(bundle_dir / manifest.graph("decode", variant).file, "cpu", threads)
+    x = ref.inputs[0]
+    past = pre.run(None, {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
+                          "attention_mask": x.attention_mask})[1:]
+    mask = x.attention_mask
     scores = []
-    for _ in range(new_tokens):
-        tok = rng.integers(0, enc.tok.get_vocab_size(), size=(len(samples), 1)).astype(np.int64)
-        tok[tok == manifest.text.image_token_id] = manifest.text.pad_token_id
-        mask = np.concatenate([mask, np.ones((len(samples), 1), np.int64)], axis=1)
+    for tok, codes in zip(ref.decode_tokens, ref.decode_codes):
+        mask = np.concatenate([mask, np.ones((len(tok), 1), np.int64)], axis=1)
         feeds = {"input_ids": tok, "attention_mask": mask}
-        feeds.update({f"past_{k}_{i}": past[2 * i + j] for i in range(manifest.cut) for j, k in enumerate(("key", "value"))})
+        feeds.update({f"past_{k}_{i}": past[2 * i + j] for i in range(manifest.cut)
+                      for j, k in enumerate(("key", "value"))})
         outs = dec.run(None, feeds)
         past = outs[1:]
-        ref = model.client(torch.from_numpy(tok), torch.from_numpy(mask), None, cache).wire.numpy()
-        scores.append(_agree(outs[0], ref, np.ones(ref.shape, bool)))
+        scores.append(_agree(outs[0], codes, np.ones(codes.shape, bool)))
     return tuple(np.mean(scores, axis=0).tolist())
