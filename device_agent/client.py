@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeqtl.bundle import BundleError, BundleManifest
+from edgeqtl.bundle import BundleManifest
 from edgeqtl.errors import RemoteError
 from edgeqtl.imageproc import load_image, preprocess
-from edgeqtl.prompt import PromptEncoder
+from edgeqtl.prompt import PromptEncoder, PromptError
 from edgeqtl.transport import RequestTimeout
 from edgeqtl.wire import (Frame, FrameKind, array_frame, codes_frame, encode_frame, header_nbytes, new_request_id,
                           raise_if_error)
@@ -46,9 +46,7 @@ class DeviceClient:
         self.dir = Path(bundle_dir)
         self.manifest = m = BundleManifest.load(self.dir)
         self.variant = variant or m.graph("prefill").variant  # fp32 first where there is one
-        for g in m.graphs:
-            if not (self.dir / g.file).is_file():
-                raise BundleError(f"bundle {self.dir} is missing {g.file}; copy the whole bundle directory")
+        m.check_files(self.dir)  # every file there at its size: a truncated copy is named, not run
         self.prompts = PromptEncoder.from_bundle(self.dir, m.text)
         self.entropy = m.entropy_model if entropy else None
         self.prefill = open_session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
@@ -60,6 +58,10 @@ class DeviceClient:
         img = load_image(image) if isinstance(image, (str, Path)) else image
         pix = preprocess(img, self.manifest.image)
         ids, mask = self.prompts.encode([prompt])
+        limit = self.manifest.max_context
+        if limit is not None and ids.shape[1] >= limit:  # refused here, before any byte is sent
+            raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
+                              f"{limit} (its answer needs room too); shorten the prompt")
         out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
         return out[0], mask, out[1:]
 

@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import EdgeqtlError
+from .imageproc import ImageError, load_image
 
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT = "user", "assistant"
@@ -381,32 +382,11 @@ def _image_faults(records: list[Record], workers: int) -> list[str | None]:
 
 
 def open_rgb(path: str | Path, decode_size: int | None = None) -> Image.Image:
-    """Any image file -> upright RGB. With decode_size, JPEGs decode at the smallest
-    1/2^k scale that keeps both sides >= decode_size (the model resizes anyway)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
+    """Any image file -> upright RGB (edgeqtl.imageproc.load_image), faults as DataError."""
     try:
-        with Image.open(path) as im:
-            if decode_size is not None:
-                im.draft(None, (decode_size, decode_size))
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except Exception as e:  # Pillow's decoders raise many types for corrupt files
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"cannot read image {path}: {reason}") from None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
-    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: Pillow's convert would clip to white
-        grey = np.clip(np.asarray(im, dtype=np.float32) / 257.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if im.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L").convert("RGB")
-    return im.convert("RGB")
+        return load_image(path, decode_size)
+    except ImageError as e:
+        raise DataError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- loading

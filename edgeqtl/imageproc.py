@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import EdgeqtlError
 
@@ -20,6 +20,9 @@ _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class ImageError(EdgeqtlError, ValueError):
@@ -43,17 +46,35 @@ class ImageSpec:
         return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), d.get("resample", "bicubic"))
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with one clear error for a missing or corrupt file."""
+def load_image(path: str | Path, decode_size: int | None = None) -> Image.Image:
+    """Any image file -> upright RGB (EXIF rotation applied; transparency composited on
+    white; grey, palette, CMYK and 16-bit modes converted), with one clear error for a
+    missing or unreadable file. With decode_size, JPEGs decode at the smallest 1/2^k
+    scale that keeps both sides >= decode_size (the model resizes anyway)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if decode_size is not None:
+                im.draft(None, (decode_size, decode_size))
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"cannot read image {path}: {e}; use a PNG or JPEG file") from None
+            return to_rgb(ImageOps.exif_transpose(im))
+    except Exception as e:  # Pillow's decoders raise many types for corrupt files
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: Pillow's convert would clip to white
+        grey = np.clip(np.asarray(im, dtype=np.float32) / 257.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def preprocess(images, spec: ImageSpec) -> np.ndarray:

@@ -41,11 +41,16 @@ class ChatFormat:
     prefix: str = ""  # before the first turn (a system prompt, a BOS text)
     image_first: bool = True  # where the image goes when the user's text has no <image> marker
     image_separator: str = "\n"  # between the image and the text in that case
+    user_next: str | None = None  # a later user turn, where it differs from the first (None: `user`)
+    image_wrap: str = "{image}"  # around the image tokens (SmolVLM: <fake_token_around_image><global-img>...)
 
     def __post_init__(self):
-        for name in ("user", "answer"):
-            if getattr(self, name).count("{text}") != 1:
+        for name in ("user", "answer", "user_next"):
+            value = getattr(self, name)
+            if value is not None and value.count("{text}") != 1:
                 raise PromptError(f"chat format: {name} must hold '{{text}}' exactly once")
+        if self.image_wrap.count("{image}") != 1:
+            raise PromptError("chat format: image_wrap must hold '{image}' exactly once")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,8 +85,9 @@ class ChatFormat:
                 raise PromptError(f"turn {i + 1} is {role!r}: turns alternate user, assistant, ... from the user")
             if role == USER:
                 if i == 0:
-                    text = self.place_image(text, image)
-                out.append(self.user.replace("{text}", text))
+                    text = self.place_image(text, self.image_wrap.replace("{image}", image))
+                template = self.user if i == 0 or self.user_next is None else self.user_next
+                out.append(template.replace("{text}", text))
                 out.append(self.assistant)
             else:
                 start = len("".join(out))

@@ -7,6 +7,7 @@ quantizer: the teacher). The loss, over the answer positions only:
 
     KL(teacher || student) at temperature T, x T^2
     + ce_weight x cross-entropy on the answer, for records that have one
+    + recon_weight x the decoder's output against the teacher's hidden states, every token
     + commitment x the quantizer's cosine commitment loss
 
 A record without an answer is answered once by the teacher (greedy, cached), and its
@@ -54,6 +55,9 @@ class AdaptConfig:
     grad_clip: float = 1.0
     commitment: float = 0.1
     ce_weight: float = 0.5
+    # The decoder's output against the teacher's hidden states at every token (normalised
+    # MSE): a dense signal beside the KL, which speaks only at the answer positions.
+    recon_weight: float = 1.0
     temperature: float = 1.0
     trainable: tuple[str, ...] = ("quantizer",)
     lora_rank: int = 8
@@ -107,7 +111,9 @@ def _key(ex: Example) -> str:
 @torch.no_grad()
 def warm_start(model: SplitModel, batch: Batch) -> None:
     """A square in_proj as the identity; the decoder as the least-squares map from the
-    dequantised codes of `batch` back to its hidden states."""
+    dequantised codes of `batch` back to its hidden states. (Whitening the hidden states
+    instead was measured worse: per-token normalisation then divides by the noise of the
+    small axes, blown up to unit variance.)"""
     enc, dec = model.client.encoder, model.server.decoder_q
     if enc is None:
         return
@@ -117,10 +123,9 @@ def warm_start(model: SplitModel, batch: Batch) -> None:
     h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
     codes, _ = enc(h)
     keep = batch.attention_mask.bool()
-    x = dequantise(codes, model.split.levels)[keep]
-    y = h[keep]
-    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-    sol = torch.linalg.lstsq(x1.double(), y.double()).solution.float()  # (code_dim + 1, hidden)
+    z = dequantise(codes, model.split.levels)[keep]
+    z1 = torch.cat([z, torch.ones(len(z), 1)], dim=1)
+    sol = torch.linalg.lstsq(z1.double(), h[keep].double()).solution.float()  # (code_dim + 1, hidden)
     dec.out_proj.weight.copy_(sol[:-1].T)
     dec.out_proj.bias.copy_(sol[-1])
 
@@ -186,15 +191,18 @@ class Adapter:
                 h = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
             codes, n = model.client.encoder(h)
             values = n + (dequantise(codes, model.split.levels, n.dtype) - n).detach()  # straight through
-            s_logits = model.server.forward_values(values, mask, positions=pos,
-                                                   checkpointing=cfg.checkpointing).float()
+            h_hat = model.server.decoder_q(values)
+            s_logits = model.server.forward_hidden(h_hat, mask, positions=pos, checkpointing=cfg.checkpointing).float()
+        keep = mask.bool()
+        target = h_teacher[keep].float()
+        recon = F.mse_loss(h_hat[keep].float(), target) / target.var().clamp(min=1e-8)
         T = cfg.temperature
         t_logp, s_logp = F.log_softmax(t_logits / T, -1), F.log_softmax(s_logits / T, -1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[valid].mean() * T * T
         ce_mask = valid & real[:, None]
         ce = F.cross_entropy(s_logits[ce_mask], targets[ce_mask]) if ce_mask.any() else kl.new_zeros(())
         commit = commitment_loss(n.float(), model.split.levels)
-        loss = kl + cfg.ce_weight * ce + cfg.commitment * commit
+        loss = kl + cfg.ce_weight * ce + cfg.commitment * commit + cfg.recon_weight * recon
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         self.opt.zero_grad(set_to_none=True)
@@ -204,7 +212,7 @@ class Adapter:
         with torch.no_grad():
             agree = (t_logits.argmax(-1) == s_logits.argmax(-1))[valid].float().mean().item()
         return {"step": step, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "commit": commit.item(),
-                "top1_agreement": agree}
+                "recon": recon.item(), "top1_agreement": agree}
 
     def finish(self) -> None:
         """Fold the adapters into the trunk's weights (a plain checkpoint to save and export)."""

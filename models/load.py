@@ -110,9 +110,12 @@ LLAVA_CHAT = ChatFormat.from_template("USER: {image}\n{prompt} ASSISTANT:")
 
 def load_prompts(directory: str | Path, model: SplitModel) -> PromptEncoder:
     """The prompt encoder of a model directory: its tokenizer.json and chat settings
-    (edgeqtl_chat.json, written by `edgeqtl train`), or for a plain Llava checkpoint its
-    tokenizer with the LLaVA-1.5 template."""
+    (edgeqtl_chat.json, written by `edgeqtl train`), or for a plain checkpoint its
+    tokenizer with its own chat template reduced (models/chat_template.py; the LLaVA-1.5
+    template where it has none) and its special tokens."""
     from tokenizers import Tokenizer
+
+    from .chat_template import find_template, reduce_template
 
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
@@ -120,11 +123,34 @@ def load_prompts(directory: str | Path, model: SplitModel) -> PromptEncoder:
     if load_chat(directory) is not None:
         return PromptEncoder.load(directory, model.num_image_tokens)
     tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    cfg = model.parts.decoder.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
-    return PromptEncoder(tok, LLAVA_CHAT, tok.id_to_token(model.parts.image_token_id), model.num_image_tokens, pad,
-                         eos)
+    image_token = tok.id_to_token(model.parts.image_token_id)
+    if image_token is None:
+        raise CheckpointError(f"the tokenizer has no token with the model's image_token_index "
+                              f"{model.parts.image_token_id}")
+    extra = _json(directory / "tokenizer_config.json")
+    template = find_template(directory)
+    specials = {k: extra.get(k) for k in ("bos_token", "eos_token", "pad_token") if isinstance(extra.get(k), str)}
+    chat = reduce_template(template, image_token, specials) if template else LLAVA_CHAT
+    eos = _token_id(tok, extra.get("eos_token")) or _first(_json(directory / "generation_config.json")
+                                                           .get("eos_token_id")) or \
+        _first(model.parts.decoder.config.eos_token_id) or 0
+    pad = _token_id(tok, extra.get("pad_token"))
+    pad = pad if pad is not None else (model.parts.decoder.config.pad_token_id or eos)
+    return PromptEncoder(tok, chat, image_token, model.num_image_tokens, pad, eos)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_id(tok, token) -> int | None:
+    if isinstance(token, dict):  # {"content": ...} in some tokenizer configs
+        token = token.get("content")
+    return tok.token_to_id(token) if isinstance(token, str) else None
+
+
+def _first(ids):
+    return ids[0] if isinstance(ids, (list, tuple)) and ids else ids
 
 
 __all__ = ["CheckpointError", "UnsupportedModelError", "load_llava", "load_split_model", "read_split_meta",

@@ -25,6 +25,7 @@ class WorldSource:
     def __init__(self, collate: Collator, cfg, world=shapes):
         self.collate, self.cfg, self.world = collate, cfg, world
         self.categories = tuple(world.FAMILIES)
+        self.name = world.__name__.rsplit(".", 1)[-1]  # recorded with the model: export calibrates on it
 
     @classmethod
     def for_model(cls, model, cfg, world=shapes, tokenizer=None) -> "WorldSource":
@@ -47,6 +48,7 @@ class WorldSource:
 
 class RecordSource:
     has_scenes = False
+    name = None  # a user's data: export wants --calibration-data
 
     def __init__(self, collate: Collator, records, cfg, workers: int = 4):
         from edgeqtl.data import RecordLoader

@@ -313,9 +313,12 @@ class SplitModel:
 
     @property
     def num_image_tokens(self) -> int:
+        """The tower's tokens, plus CLIP's class token, minus the first token where the
+        strategy is "default" (transformers drops it whatever it is: for SigLIP, which has
+        no class token, that is a patch)."""
         vc = self.llava.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
-        return n + (1 if self.parts.feature_strategy != "default" and _has_cls(vc) else 0)
+        n = (vc.image_size // vc.patch_size) ** 2 + (1 if _has_cls(vc) else 0)
+        return n - (1 if self.parts.feature_strategy == "default" else 0)
 
     def parameters(self):
         yield from self.client.parameters()

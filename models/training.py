@@ -273,10 +273,11 @@ def train(model: SplitModel, source, cfg: TrainConfig, out_dir: str | Path | Non
             log(f"step {step + 1}: {evaluator(model)}")
             model.train()
         if out_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(model, out_dir, cfg, step + 1, prompts=source.collate.prompts)
+            save_checkpoint(model, out_dir, cfg, step + 1, extra={"world": source.name},
+                            prompts=source.collate.prompts)
     model.eval()
     if out_dir is not None:
-        save_checkpoint(model, out_dir, cfg, cfg.steps, prompts=source.collate.prompts)
+        save_checkpoint(model, out_dir, cfg, cfg.steps, extra={"world": source.name}, prompts=source.collate.prompts)
         (Path(out_dir) / "train_log.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
     return history
 

@@ -10,16 +10,25 @@ from edgeqtl.transport import DEFAULT_GROUP, BrokerConfig, Responder
 from .engine import GenerationEngine
 
 
-def load_engine(server_half: str | Path, max_new_tokens: int = 8, device: str = "cpu") -> GenerationEngine:
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_engine(server_half: str | Path, max_new_tokens: int = 8, device: str = "cpu", dtype: str | None = None,
+                max_batch_tokens: int | None = None) -> GenerationEngine:
+    """dtype: fp32 (the default on the CPU), bf16 (the default on CUDA) or fp16."""
+    import torch
     from tokenizers import Tokenizer
 
     from edgeqtl.models.server_half import load_server_half
 
-    bundle = load_server_half(server_half)
-    tok_path = Path(server_half) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    bundle = load_server_half(server_half, getattr(torch, DTYPES[dtype]))
+    tokenizer = Tokenizer.from_file(str(Path(server_half) / "tokenizer.json"))
     eos = bundle.meta.get("text", {}).get("eos_token_id", 0)
-    return GenerationEngine(bundle, tokenizer, eos, max_new_tokens=max_new_tokens, device=device)
+    return GenerationEngine(bundle, tokenizer, eos, max_new_tokens=max_new_tokens, device=device,
+                            max_context=bundle.meta.get("max_context") or 2048, max_batch_tokens=max_batch_tokens)
 
 
 class ServerAgent(Responder):

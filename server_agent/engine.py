@@ -46,7 +46,10 @@ class Session:
 
 class GenerationEngine:
     def __init__(self, bundle, tokenizer, eos_token_id: int, max_new_tokens: int = 8, max_context: int = 2048,
-                 session_timeout: float = 60.0, device: str = "cpu"):
+                 session_timeout: float = 60.0, device: str = "cpu", max_batch_tokens: int | None = None):
+        """max_context: the model's own (its max_position_embeddings, from the export).
+        max_batch_tokens: a prefill batch holds at most this many tokens, padding included
+        (16 devices with 750-token prompts would otherwise be one 12,000-token pass)."""
         self.bundle = bundle
         self.server = bundle.server.to(device).eval()
         self.token_encoder = bundle.token_encoder.to(device).eval() if bundle.token_encoder is not None else None
@@ -55,6 +58,7 @@ class GenerationEngine:
         self.eos = eos_token_id
         self.max_new_tokens = max_new_tokens
         self.max_context = max_context
+        self.max_batch_tokens = max_batch_tokens
         self.session_timeout = session_timeout
         self.device = device
         self.sessions: dict[tuple[str, bytes], Session] = {}
@@ -105,7 +109,7 @@ class GenerationEngine:
                 (prefills if frame.kind == FrameKind.INFER_REQUEST else decodes).append((i, *prefills_or_decodes))
             except CodedError as e:
                 replies[i] = self._error(frame, e)
-        for group, run in ((prefills, self._prefill), (decodes, self._decode)):
+        for group, run in [*((g, self._prefill) for g in self._by_tokens(prefills)), (decodes, self._decode)]:
             if not group:
                 continue
             try:
@@ -122,6 +126,20 @@ class GenerationEngine:
                     except Exception as e:  # noqa: BLE001 - reported to that device only
                         replies[item[0]] = self._error(item[1], CodedError("server_error", f"{type(e).__name__}: {e}"))
         return replies
+
+    def _by_tokens(self, prefills: list[tuple]) -> list[list[tuple]]:
+        """Prefill groups within max_batch_tokens, prompts of like length together."""
+        if not self.max_batch_tokens:
+            return [prefills]
+        groups, current, longest = [], [], 0
+        for item in sorted(prefills, key=lambda x: x[2].shape[1]):
+            n = item[2].shape[1]
+            if current and max(longest, n) * (len(current) + 1) > self.max_batch_tokens:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(item)
+            longest = max(longest, n)
+        return groups + ([current] if current else [])
 
     def _admit(self, frame: Frame) -> tuple:
         """Validate one request -> (frame, wire tensor[, session])."""

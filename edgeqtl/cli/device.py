@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .common import (UserError, broker_config, broker_options, data_options, default_device_id, device_id_option,
-                     set_threads, split_train_options, user_errors)
+                     login_id, set_threads, split_train_options, user_errors)
 
 
 @click.group()
@@ -29,7 +29,7 @@ def _variant_option(fn):
 @_variant_option
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
 @user_errors
-def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_id, variant, timeout):
+def ask(bundle, broker_url, login, ca_file, cert_file, key_file, image, prompt, device_id, variant, timeout):
     """Ask one question about one image; prints the answer, latency and bytes sent.
 
     \b
@@ -41,7 +41,8 @@ def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_
     from edgeqtl.transport import RequestClient
 
     client = DeviceClient(bundle, variant)
-    with RequestClient(broker_config(broker_url, ca_file, cert_file, key_file), default_device_id(device_id)) as t:
+    cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
+    with RequestClient(cfg, default_device_id(device_id or login_id(login))) as t:
         a = client.ask(t, image, prompt, timeout=timeout)
     click.echo(a.text)
     click.echo(f"latency {1e3 * a.latency_s:.1f} ms, {a.round_trips} round trip(s), sent {a.bytes_up} B "
@@ -65,7 +66,8 @@ def ask(bundle, broker_url, ca_file, cert_file, key_file, image, prompt, device_
               help="Seconds a job may wait for the broker and a server before it gets an error line "
                    "(default: wait for ever).")
 @user_errors
-def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, device_id, variant, timeout, give_up):
+def run(bundle, broker_url, login, ca_file, cert_file, key_file, jobs, watch, out, device_id, variant, timeout,
+        give_up):
     """Run the device agent unattended: jobs in, answers out, as JSON lines.
 
     A job is {"id": ..., "image": PATH, "prompt": TEXT}; each gets one answer line
@@ -84,8 +86,8 @@ def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, devi
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = DeviceClient(bundle, variant)
-    dev_id = default_device_id(device_id)
-    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    dev_id = default_device_id(device_id or login_id(login))
+    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file, login), dev_id)
     runner = DeviceRunner(client, transport, timeout=timeout, give_up_s=give_up)
     click.echo(f"device agent {dev_id} on {transport.endpoint.cfg.describe()} with {bundle}", err=True)
     try:
@@ -120,8 +122,8 @@ def run(bundle, broker_url, ca_file, cert_file, key_file, jobs, watch, out, devi
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per try of a step.")
 @split_train_options
 @user_errors
-def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id, data_file, image_root, skip_bad,
-                 device_index, num_devices, shard, trainable, timeout, steps, batch_size, lr, checkpoint_every,
+def train_device(model_dir, broker_url, login, ca_file, cert_file, key_file, device_id, data_file, image_root,
+                 skip_bad, device_index, num_devices, shard, trainable, timeout, steps, batch_size, lr, checkpoint_every,
                  fedavg_every, state_dir, threads):
     """Split training, the device's side: its images never leave it; codes go up,
     compressed gradients come back. Needs torch (autograd); inference on the device does not.
@@ -150,7 +152,7 @@ def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id,
         raise UserError(f"--index must be in [0, {num_devices - 1}]")
     alpha = _dirichlet_alpha(shard)
     model = load_split_model(model_dir)
-    dev_id = default_device_id(device_id)
+    dev_id = default_device_id(device_id or login_id(login))
     tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                             fedavg_every=fedavg_every, trainable=tuple(t.strip() for t in trainable.split(",")))
     if data_file is not None:
@@ -162,7 +164,7 @@ def train_device(model_dir, broker_url, ca_file, cert_file, key_file, device_id,
     else:
         batches = ShapesShard(model, shapes.build_tokenizer(), tcfg, device_index, num_devices, alpha)
     trainer = DeviceTrainer(model, batches, tcfg, dev_id, state_dir, bytes.fromhex(fingerprint(model))[:16])
-    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file), dev_id)
+    transport = connect(broker_config(broker_url, ca_file, cert_file, key_file, login), dev_id)
     bar = tqdm(total=steps, initial=trainer.step, desc=f"split train {dev_id}", dynamic_ncols=True)
 
     def on_step(t, info):
