@@ -44,7 +44,7 @@ class ExportOptions:
     calibration_data: Path | None = None  # a folder of images or a LLaVA data file (export/calibration.py)
     calibration_samples: int | None = None  # to fit the entropy model (default: 256; 32 at real size)
     verify_samples: int | None = None  # with calibration data or at real size (default 4)
-    batch_size: int | None = None  # PyTorch's batches (default: 64; 2 at real size)
+    batch_size: int | None = None  # PyTorch's batches (default: 64 for short sequences, fewer for long; 2 at real size)
 
 
 @dataclasses.dataclass
@@ -130,6 +130,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
         raise CheckpointError("an identity split sends float32 hidden states; export a trained fsq or fp16 model")
     check_memory(model_dir)
     model = load_split_model(model_dir, split).eval()
+    split = model.split  # code_dim resolved (None: the LLM's hidden size)
     if not trained:
         say(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
             "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
@@ -138,7 +139,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
     fp = fingerprint(model)
     fit, check = _samples(opts, model_dir, big, say)
-    batch = opts.batch_size or (2 if big else 64)
+    # PyTorch's batch: activations grow with the sequence (729 image tokens: 64 rows ~3 GB)
+    batch = opts.batch_size or (2 if big else max(1, min(64, 16384 // (model.num_image_tokens + 32))))
 
     if out.exists() and any(out.iterdir()):
         if not (out / MANIFEST_FILE).is_file():

@@ -129,7 +129,7 @@ def reference(model, samples, prompts, image, batch_size: int, progress=None) ->
 
 @torch.inference_mode()
 def _server_predictions(server, codes: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return server(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask))[:, -1].argmax(-1).numpy()
+    return server.next_logits(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask)).argmax(-1).numpy()
 
 
 def verify_graphs(bundle_dir, manifest, ref: Reference, server=None, gate_accuracy: bool = True,

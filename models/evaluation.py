@@ -65,8 +65,7 @@ def wire_nbytes(model: SplitModel, n_tokens: int) -> int:
 def predict(model: SplitModel, batch: Batch) -> torch.Tensor:
     """Greedy next token after each prompt (the first answer word)."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    logits = model.server(out.wire, batch.attention_mask)
-    return logits[:, -1].argmax(-1)
+    return model.server.next_logits(out.wire, batch.attention_mask).argmax(-1)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .batches import Batch
-from .split import KVCache, SplitModel
+from .split import KVCache, SplitModel, last_positions
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
     rows = [[] for _ in range(mask.shape[0])]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
-        tokens = logits[:, -1].argmax(-1)
+        tokens = logits.argmax(-1)
         for r, t in enumerate(tokens.tolist()):
             if not done[r]:
                 if t in eos_ids:
@@ -38,6 +38,8 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
 
 
 def _step(model: SplitModel, ids, mask, pixels, c_cache: KVCache, s_cache: KVCache, quantized: bool):
+    """The next token's logits (B, V)."""
     if quantized:
-        return model.server(model.client(ids, mask, pixels, c_cache).wire, mask, s_cache)
-    return model.server.forward_hidden(model.client.hidden(ids, mask, pixels, c_cache), mask, s_cache)
+        return model.server.next_logits(model.client(ids, mask, pixels, c_cache).wire, mask, s_cache)
+    h = model.client.hidden(ids, mask, pixels, c_cache)
+    return model.server.forward_hidden(h, mask, s_cache, last_positions(h))[:, -1]

@@ -283,6 +283,17 @@ class ServerHalf(nn.Module):
     def forward(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
         return self.forward_values(self.receive(wire), attention_mask, cache)
 
+    def next_logits(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, V): the next token's logits only. Prompts are left-padded, so the last
+        position is every row's; at a real vocabulary the logits of every position of a
+        729-token prompt would take GBs."""
+        return self.forward_values(self.receive(wire), attention_mask, cache, last_positions(wire))[:, -1]
+
+
+def last_positions(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index of the last position of a (B, T, ...) batch."""
+    return torch.full((x.shape[0], 1), x.shape[1] - 1, dtype=torch.long, device=x.device)
+
 
 class SplitModel:
     """A Llava model plus its quantizer, viewed as two halves that partition its weights."""

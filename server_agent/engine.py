@@ -168,8 +168,7 @@ class GenerationEngine:
     # ---------------------------------------------------------------- model steps
     @torch.no_grad()
     def _step(self, wire: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> list[int]:
-        logits = self.server(wire, mask, cache)
-        return logits[:, -1].argmax(-1).tolist()
+        return self.server.next_logits(wire, mask, cache).argmax(-1).tolist()
 
     def _done(self, session: Session) -> bool:
         return session.tokens[-1] == self.eos or len(session.tokens) >= self.max_new_tokens \

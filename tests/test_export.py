@@ -44,6 +44,11 @@ def test_hf_architectures_export_and_verify(llava_checkpoint, cut, tmp_path):
     roles = {(g.role, g.variant) for g in m.graphs}
     assert ("prefill", "fp32") in roles and ("prefill", "int8") in roles
     assert (("decode", "fp32") in roles) == (cut > 0)
+    # a plain checkpoint's code_dim is the LLM's hidden size, and the device loads the bundle
+    assert m.code_dim == m.hidden_size and m.entropy_model is not None
+    from edgeqtl.device_agent.client import DeviceClient
+
+    DeviceClient(tmp_path / "b")
     if cut:
         row = next(r for r in res.verification.rows if r.graph == "decode/fp32")
         assert row.agreement >= 0.999  # token by token through the bundle's own KV cache

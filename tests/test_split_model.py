@@ -38,6 +38,10 @@ def test_identity_split_matches_unsplit_model(llava_checkpoint, cut_name):
         logits = model.server(out.wire, mask)
     diff = (logits - ref)[mask.bool()].abs().max().item()
     assert diff < 1e-4, f"{arch} cut {cut}: max abs diff {diff}"
+    with torch.no_grad():  # what serving and evaluation use: the last position's logits only
+        nxt = model.server.next_logits(out.wire, mask)
+    assert nxt.shape == (ids.shape[0], logits.shape[-1])
+    assert torch.allclose(nxt, logits[:, -1], atol=1e-5)
 
 
 def test_fsq_client_sends_integer_codes_in_range(llava_checkpoint):
