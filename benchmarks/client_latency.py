@@ -44,10 +44,13 @@ def worker(kind: str, bundle: Path, model_dir: Path, threads: int, runs: int, ba
     if kind == "torch":
         import torch
 
-        from edgeqtl.models.load import load_split_model
+        from edgeqtl.models.load import SPLIT_CONFIG_FILE, load_split_model
+        from edgeqtl.models.split import SplitConfig
 
         torch.set_num_threads(threads)
-        client = load_split_model(model_dir).client.eval()
+        # a plain checkpoint (no split config of its own) is cut as its bundle was
+        split = None if (model_dir / SPLIT_CONFIG_FILE).is_file() else SplitConfig(cut=m.cut, levels=m.levels)
+        client = load_split_model(model_dir, split).client.eval()
         t_pix, t_ids, t_mask = map(torch.from_numpy, (pix, ids, mask))
 
         def step():

@@ -2,7 +2,7 @@
 and calls into the package; torch is imported inside the commands that need it, so
 `import edgeqtl` and the device commands stay torch-free.
 
-    workstation  train, eval, export, merge          (cli/model.py)
+    workstation  train, eval, export, merge, zoo     (cli/model.py)
     data         data export, data check              (cli/data.py)
     lab          broker, server serve, server train  (cli/serve.py), provision (cli/provision.py)
     device       device ask, device run, device train (cli/device.py)
@@ -17,7 +17,7 @@ from edgeqtl import __version__
 from .data import data
 from .demo import demo
 from .device import device
-from .model import evaluate, export, merge, train
+from .model import evaluate, export, merge, train, zoo
 from .provision import provision
 from .serve import broker, server
 
@@ -35,6 +35,6 @@ def main():
     """
 
 
-COMMANDS = [train, evaluate, export, merge, data, broker, provision, server, device, demo]
+COMMANDS = [train, evaluate, export, merge, zoo, data, broker, provision, server, device, demo]
 for command in COMMANDS:
     main.add_command(command)

@@ -167,21 +167,35 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check ONNX Runtime against PyTorch on held-out questions; exit 1 if a threshold fails.")
-@click.option("--verify-per-family", type=int, default=100, show_default=True)
+@click.option("--verify-per-family", type=int, default=100, show_default=True,
+              help="Built-in world: held-out questions per family that verification runs.")
+@click.option("--calibration-data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Images like the device will see (a folder of images or a LLaVA data file): the entropy "
+                   "model and verification use them. Default: the built-in world's images.")
+@click.option("--calibration-samples", type=int, default=None,
+              help="Images that fit the entropy model (default: 256; 32 at real size).")
+@click.option("--verify-samples", type=int, default=None,
+              help="With --calibration-data or at real size: images verification runs (default 4).")
+@click.option("--batch-size", type=int, default=None,
+              help="PyTorch batch while calibrating and verifying (default: 64 rows for short sequences, fewer for long "
+                   "ones; 2 at real size).")
 @user_errors
-def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family):
+def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family, calibration_data,
+           calibration_samples, verify_samples, batch_size):
     """Compile the client half into an ONNX device bundle, plus the server half.
     --cut/--bits/--levels apply to a plain checkpoint; a trained model keeps its own.
 
     \b
     Example:
       edgeqtl export --model runs/tiny-2bit --target arm64 --out bundles/tiny-pi
-      edgeqtl export --model ./llava-ckpt --cut 4 --bits 2 --target jetson --out bundles/jetson
+      edgeqtl export --model ./llava-ckpt --cut 4 --bits 2 --target jetson --out bundles/jetson \\
+          --calibration-data data/mine.jsonl
     """
     from edgeqtl.export.bundle import ExportOptions, export_bundle
 
     res = export_bundle(ExportOptions(model_dir, out, cut, levels_from(bits, levels), target, verify,
-                                      verify_per_family), progress=click.echo)
+                                      verify_per_family, calibration_data, calibration_samples, verify_samples,
+                                      batch_size), progress=click.echo)
     m = res.manifest
     click.echo(f"bundle {out}: cut {m.cut}, {m.quantizer} {m.levels if m.quantizer == 'fsq' else ''} levels, "
                f"target {m.target}, fingerprint {m.fingerprint[:16]}, {res.seconds:.1f} s")
@@ -215,3 +229,36 @@ def merge(model_dir, server_state, device_state, device_id, out):
     from edgeqtl.models.checkpoint import merge_trained
 
     click.echo(f"merged into {merge_trained(model_dir, server_state, device_state, device_id, out)}")
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write the checkpoint to.")
+@click.option("--scale", type=click.FloatRange(0.01, 1.0), default=1.0, show_default=True,
+              help="Widths and depths times this (below 1: a small model of the same structure, for tests).")
+@user_errors
+def zoo(name, out, scale):
+    """Write a random-weight checkpoint of a published VLM, built from its config (nothing
+    is downloaded): real shapes, chat template and image settings, random weights. For
+    measuring cost (time, memory, bytes) at real size; never accuracy. Without NAME: the list.
+
+    \b
+    Example:
+      edgeqtl zoo llava-interleave-qwen-0.5b --out ckpt/interleave
+      edgeqtl export --model ckpt/interleave --bits 2 --target arm64 --out bundles/interleave
+    """
+    from edgeqtl.models import zoo as models_zoo
+
+    if name is None:
+        click.echo("\n".join(models_zoo.names()))
+        return
+    if name not in models_zoo.names():
+        raise UserError(f"unknown model {name!r}; known: {', '.join(models_zoo.names())}")
+    if out is None:
+        raise UserError("--out DIR is required to write a checkpoint")
+    from edgeqtl.memory import peak_rss_mb
+
+    path = models_zoo.build(name, out, scale)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    click.echo(f"{name} (scale {scale:g}) -> {path}: {size / 2**30:.2f} GiB, peak RSS {peak_rss_mb():.0f} MB")
