@@ -120,7 +120,9 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
 
     from tqdm import tqdm
 
-    say = progress or (lambda line: None)
+    # each step's line carries the peak RSS so far: where memory goes at real size
+    say = (lambda line: progress(f"{line}  [peak RSS so far {peak_rss_mb() / 1024:.2f} GB]")) if progress \
+        else (lambda line: None)
     if opts.target not in TARGETS:
         raise CheckpointError(f"target must be one of {TARGETS}, got {opts.target!r}")
     t0 = time.time()
@@ -165,11 +167,11 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                             "max_context": max_context_of(model)})
     gate = read_split_meta(model_dir).get("step", 0) > 0
     server = None if big else model.server  # small: kept, to compare answers too
-    graphs = _export_graphs(model, out, text, image, split.cut, big, progress)
+    graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say)
     hidden, layers = model.hidden_size, model.num_layers
     del model
     gc.collect()
-    graphs = _variants(graphs, out, opts.target, progress)
+    graphs = _variants(graphs, out, opts.target, progress and say)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
