@@ -122,3 +122,40 @@ def test_unsupported_model_is_one_clear_line(tmp_path):
     assert r.exit_code != 0 and "Traceback" not in r.output
     lines = [x for x in r.output.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1 and "sliding-window" in lines[0], r.output
+
+
+@pytest.mark.parametrize("target", ["cpu", "jetson"])
+def test_external_data_bundle_lists_every_file_and_refuses_a_truncated_one(tiny_dir, tmp_path, monkeypatch, target):
+    """The real-size way (external data for every variant), forced on the tiny preset by
+    lowering the thresholds: every file is in the manifest with its size and sha256,
+    every graph variant (fp16 included) loads in ONNX Runtime with its data file, and a
+    truncated data file is refused by name before anything runs."""
+    import onnxruntime as ort
+
+    import edgeqtl.export.bundle as export_bundle_mod
+    import edgeqtl.export.variants as variants
+    from edgeqtl.bundle import file_sha256
+    from edgeqtl.device_agent.client import DeviceClient
+
+    monkeypatch.setattr(export_bundle_mod, "REAL_SIZE_BYTES", 0)
+    monkeypatch.setattr(variants, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "b"
+    res = export_bundle(ExportOptions(tiny_dir, out, target=target), progress=None)
+    assert res.verification is not None and res.verification.ok, res.verification.table()
+    m = BundleManifest.load(out)
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert {f.name for f in m.files} == on_disk
+    assert all(file_sha256(out / f.name) == f.sha256 and (out / f.name).stat().st_size == f.size for f in m.files)
+    variants_seen = set()
+    for g in m.graphs:
+        assert g.data_files, f"{g.file} has no external data file"
+        assert set(g.data_files) <= on_disk
+        ort.InferenceSession(str(out / g.file), providers=["CPUExecutionProvider"])
+        variants_seen.add(g.variant)
+    assert variants_seen == ({"fp16"} if target == "jetson" else {"fp32", "int8"})
+    m.check_files(out, hashes=True)
+
+    victim = out / m.graphs[0].data_files[0]
+    victim.write_bytes(victim.read_bytes()[:-16])
+    with pytest.raises(BundleError, match=f"{victim.name} is .* bytes, the manifest says"):
+        DeviceClient(out)
