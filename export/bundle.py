@@ -167,6 +167,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                             "max_context": max_context_of(model)})
     gate = read_split_meta(model_dir).get("step", 0) > 0
     server = None if big else model.server  # small: kept, to compare answers too
+    if big:
+        _free_server_weights(model)
     graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say)
     hidden, layers = model.hidden_size, model.num_layers
     del model
@@ -189,6 +191,22 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
 
 
 # --------------------------------------------------------------------------- the steps
+
+
+def _free_server_weights(model: SplitModel) -> None:
+    """Once the server half is saved (and the reference computed), its weights are dead
+    weight: the trunk after the cut and lm_head (2.4 GB at real size) are in no client
+    graph. Freed before the ONNX exporter, whose copies of the client's weights make the
+    export's peak."""
+    decoder = model.parts.decoder
+    for i in range(model.split.cut, len(decoder.layers)):
+        decoder.layers[i] = torch.nn.Identity()
+    model.server.layers = torch.nn.ModuleList()
+    if model.parts.lm_head.weight is not decoder.embed_tokens.weight:
+        model.parts.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    import gc
+
+    gc.collect()
 
 
 def _checkpoint_bytes(model_dir: Path) -> int:
