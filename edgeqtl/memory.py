@@ -19,6 +19,12 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def children_peak_rss_mb() -> float:
+    """The largest peak resident set of any finished child process (and its children)."""
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
 def available_mb() -> float | None:
     """Memory the kernel can give this process now (MemAvailable), or None where unknown."""
     try:

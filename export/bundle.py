@@ -20,7 +20,7 @@ import torch
 
 from edgeqtl import shapes
 from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
-from edgeqtl.memory import available_mb, peak_rss_mb
+from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import CheckpointError, load_prompts, load_split_model, read_split_meta
 from edgeqtl.models.server_half import save_server_half
@@ -28,7 +28,7 @@ from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
 from .calibration import fit_entropy_model, user_samples, world_samples
 from .graphs import export_decode, export_prefill, kv_shape
-from .variants import OPSET, convert_fp16, file_spec, graph_spec, quantize_int8
+from .variants import OPSET, convert_fp16, file_spec, graph_spec, in_child, quantize_int8
 from .verify import reference, verify_graphs
 
 
@@ -186,7 +186,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
         say(f"verifying {len(manifest.graphs)} graph(s) against PyTorch")
         result.verification = verify_graphs(out, manifest, ref, server, gate_accuracy=gate)
     result.seconds = time.time() - t0
-    result.peak_rss_mb = peak_rss_mb()
+    result.peak_rss_mb = max(peak_rss_mb(), children_peak_rss_mb())
     return result
 
 
@@ -279,11 +279,11 @@ def _variants(graphs, out: Path, target: str, progress) -> list:
             if progress is not None:
                 progress(f"quantizing the {role} graph to int8")
             int8 = out / f"client_{role}.int8.onnx"
-            quantize_int8(fp32, int8)
+            in_child(quantize_int8, fp32, int8)
             specs.append(graph_spec(int8, role, "int8", inputs, outputs))
         else:  # jetson
             fp16 = out / f"client_{role}.fp16.onnx"
-            convert_fp16(fp32, fp16)
+            in_child(convert_fp16, fp32, fp16)
             for f in [fp32, *[out / n for n in graph_spec(fp32, role, "fp32", inputs, outputs).data_files]]:
                 f.unlink()
             specs.append(graph_spec(fp16, role, "fp16", inputs, outputs))

@@ -57,21 +57,44 @@ def graph_spec(path: Path, role: str, variant: str, inputs: list[str], outputs: 
                      file_sha256(path), data_files=_data_files(path))
 
 
+def in_child(convert, src: Path, dst: Path) -> None:
+    """Run a variant's conversion in a fresh process when the graph is large. The
+    exporter's process keeps the heap that PyTorch and the ONNX exporter grew (freed,
+    not returned), and onnxruntime.quantization holds the model two or three times over:
+    together they made the real-size export's peak (10.2 GB for a 2.1 GB graph); apart,
+    the peak is the larger of the two."""
+    external = needs_external_data(src)  # decided here: the child sees the same threshold
+    if not external:
+        convert(src, dst, external)
+        return
+    import subprocess
+    import sys
+
+    code = (f"from edgeqtl.export.variants import {convert.__name__} as f; import sys; "
+            "f(sys.argv[1], sys.argv[2], sys.argv[3] == '1')")
+    res = subprocess.run([sys.executable, "-c", code, str(src), str(dst), "1"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{convert.__name__} of {src.name} failed in its own process "
+                           f"(exit {res.returncode}):\n{res.stderr[-3000:]}")
+
+
 def needs_external_data(path: Path) -> bool:
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in _data_files(path)) \
         > EXTERNAL_DATA_BYTES
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src, dst, external: bool | None = None) -> None:
     """int8 weights (per output channel) for every MatMul but the quantizer's in_proj, whose
     outputs are rounded straight to codes (measured on the untrained tiny preset at cut 2:
     per-tensor int8 kept 96.8% of the codes, per-channel with the in_proj in fp32 97.5%)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    src, dst = Path(src), Path(dst)
+
     quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
                      nodes_to_exclude=[_final_projection(onnx.load(str(src), load_external_data=False))],
-                     use_external_data_format=needs_external_data(src))
+                     use_external_data_format=needs_external_data(src) if external is None else external)
 
 
 def _final_projection(model) -> str:
@@ -84,11 +107,13 @@ def _final_projection(model) -> str:
     return names[-1]
 
 
-def convert_fp16(src: Path, dst: Path) -> None:
+def convert_fp16(src, dst, external: bool | None = None) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    src, dst = Path(src), Path(dst)
+
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=FP16_BLOCK)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES // 2
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES // 2 if external is None else external
     onnx.save(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
               location=dst.name + ".data" if big else None)
