@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from edgeqtl.memory import children_peak_rss_mb
+
 HERE = Path(__file__).resolve().parent
 EDGEQTL = [sys.executable, "-m", "edgeqtl.cli"]
 MB = 1024 * 1024
-
-
-def child_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def run_timed(cmd: list[str], log: Path) -> tuple[float, float]:
@@ -46,7 +43,7 @@ def run_timed(cmd: list[str], log: Path) -> tuple[float, float]:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}); see {log}:\n{log.read_text()[-2000:]}")
     # a fresh process per measurement: RUSAGE_CHILDREN is the maximum over all children so far
-    return wall, child_peak_mb()
+    return wall, children_peak_rss_mb()
 
 
 def measure_in_child(code: str, *args: str) -> dict:

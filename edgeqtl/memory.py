@@ -15,13 +15,16 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return _maxrss_mb(resource.RUSAGE_SELF)
 
 
 def children_peak_rss_mb() -> float:
     """The largest peak resident set of any finished child process (and its children)."""
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return _maxrss_mb(resource.RUSAGE_CHILDREN)
+
+
+def _maxrss_mb(who: int) -> float:
+    rss = resource.getrusage(who).ru_maxrss  # bytes on macOS, KiB elsewhere
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
