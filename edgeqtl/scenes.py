@@ -48,7 +48,7 @@ __all__ = [
     "render", "random_scene", "ask", "make_sample", "train_batch", "train_stream", "heldout", "write_llava",
     "write_examples", "vocabulary", "build_tokenizer", "save_tokenizer", "prompts", "format_prompt",
     "answer_word", "CHAT", "IMAGE_TOKEN", "PAD_TOKEN", "UNK_TOKEN", "EOS_TOKEN",
-    "SPECIAL_TOKENS", "PHOTO_SOURCES", "TEXTURE_SOURCES",
+    "SPECIAL_TOKENS", "PHOTO_SOURCES", "TEXTURE_SOURCES", "TOKEN_LABELS", "token_labels",
 ]
 
 IMAGE_SIZE = 128
@@ -368,6 +368,41 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     sigma = rng.uniform(0, 10)  # sensor noise over everything, objects included
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * sigma
     return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- labels per image token
+
+# What each image token is labelled with for the training recipe's stage-1 probe
+# (models/training.py): 0 is "no object", then the index in the list plus one.
+TOKEN_LABELS = (("colour", len(COLORS)), ("shape", len(SHAPES)), ("digit", 10), ("size", len(SIZE_CLASSES)))
+MIN_PATCH_COVER = 0.25  # the share of a patch an object must cover to label it
+
+
+def _size_class(obj: SceneObject, image_size: int) -> int:
+    r = obj.size / image_size
+    return min(range(len(SIZE_CLASSES)), key=lambda i: abs(r - sum(list(SIZE_CLASSES.values())[i]) / 2))
+
+
+def token_labels(scene: Scene, side: int) -> np.ndarray:
+    """(4, side, side) int64 labels of a side x side patch grid, from the scene description:
+    the colour, shape, digit and size class of the frontmost object covering at least
+    MIN_PATCH_COVER of the patch (0: none). The patch holding an object's centre always
+    gets that object (unless one in front covers the centre), so small ones are not lost."""
+    size = scene.image_size
+    if size % side:
+        raise ValueError(f"a {side}x{side} patch grid does not divide a {size} px image")
+    k = size // side
+    out = np.zeros((len(TOKEN_LABELS), side, side), dtype=np.int64)
+    colors, shapes_ = list(COLORS), list(SHAPES)
+    for obj in scene.objects:  # back to front: later objects overwrite
+        cover = _mask(obj, size).reshape(side, k, side, k).mean(axis=(1, 3)) >= MIN_PATCH_COVER
+        r, c = min(int(obj.y // k), side - 1), min(int(obj.x // k), side - 1)
+        cover[r, c] = True
+        labels = (1 + colors.index(obj.color), 1 + shapes_.index(obj.shape),
+                  0 if obj.digit is None else 1 + obj.digit, 1 + _size_class(obj, size))
+        for i, v in enumerate(labels):
+            out[i][cover] = v
+    return out
 
 
 # --------------------------------------------------------------------------- scenes

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from edgeqtl import shapes
+from edgeqtl.worlds import get_world
 from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
 from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb
 from edgeqtl.models.batches import image_spec_of
@@ -227,14 +227,16 @@ def check_memory(model_dir: Path) -> None:
 def _samples(opts: ExportOptions, model_dir: Path, big: bool, say) -> tuple[list, list]:
     """(samples to fit the entropy model on, samples to verify on)."""
     n_fit = opts.calibration_samples or (32 if big else 256)
-    n_check = opts.verify_samples or (4 if big else opts.verify_per_family * len(shapes.FAMILIES))
+    recorded = read_split_meta(model_dir).get("world")
+    world = get_world(recorded)  # a checkpoint not trained on a built-in world falls back to shapes
+    n_check = opts.verify_samples or (4 if big else opts.verify_per_family * len(world.FAMILIES))
     if opts.calibration_data is not None:
         both = user_samples(opts.calibration_data, max(n_fit, n_check))
         return both[:n_fit], both[:n_check]
-    if read_split_meta(model_dir).get("world") != "shapes":
+    if recorded is None:
         say("warning: no --calibration-data: fitting the entropy model on shapes images; give a folder of images "
             "like the device's (or your LLaVA data file) for codes as the device will send them")
-    return world_samples(n_fit, heldout=False), world_samples(n_check, heldout=True)
+    return world_samples(n_fit, heldout=False, world=world), world_samples(n_check, heldout=True, world=world)
 
 
 def max_context_of(model: SplitModel) -> int | None:

@@ -5,9 +5,10 @@ torch.inference_mode, so that a real-size model (729 image tokens a sample) fits
 Where they come from, in order:
   --calibration-data   a folder of images (each asked "Describe the image."), or a data
                        file of LLaVA records (their images and first questions)
-  a shapes-world model its own world: generated training questions (never the held-out
-                       set) to fit, the held-out set to verify (with its answers, so the
-                       ONNX client's accuracy can be compared with PyTorch's)
+  a model trained on   its own world (shapes or scenes, as edgeqtl_split.json records it):
+  a built-in world     generated training questions (never the held-out set) to fit,
+                       the held-out set to verify (with its answers, so the ONNX
+                       client's accuracy can be compared with PyTorch's)
   any other checkpoint shapes images with their questions, with a warning: the codes'
                        statistics then are not those of the user's images
 """

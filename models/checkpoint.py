@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edgeqtl import shapes
+from edgeqtl.worlds import get_world
 
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitModel
 
@@ -55,12 +55,12 @@ def save_checkpoint(model: SplitModel, out_dir: str | Path, train_config=None, s
     `train_config` (a dataclass) and `step` record the run that trained it; a model that
     was never trained records none, so no one mistakes it for a trained one. `prompts`
     (an edgeqtl.prompt.PromptEncoder): the tokenizer and chat format saved beside it
-    (default: the shapes world's)."""
+    (default: the tokenizer of the world `extra` names, else the shapes world's)."""
     extra = {"step": step, **(extra or {})}
     if train_config is not None:
         extra["train"] = dataclasses.asdict(train_config)
     out = save_split_model(model, out_dir, extra=extra)
-    (prompts or shapes.prompts(model.num_image_tokens)).save(out)
+    (prompts or get_world(extra.get("world")).prompts(model.num_image_tokens)).save(out)
     return out
 
 

@@ -86,24 +86,24 @@ def eval_world(model: SplitModel, prompts: PromptEncoder, per_family: int, world
 # --------------------------------------------------------------------------- training jobs
 
 
-def train_world(model: SplitModel, cfg, out: Path, echo: Echo, progress: bool = True):
+def train_world(model: SplitModel, cfg, out: Path, echo: Echo, progress: bool = True, world=shapes):
     from .sources import WorldSource
     from .training import train
 
-    source = WorldSource.for_model(model, cfg)
+    source = WorldSource.for_model(model, cfg, world)
     train(model, source, cfg, out_dir=out, progress=progress, log=echo)
-    report = eval_world(model, source.collate.prompts, 100)
+    report = eval_world(model, source.collate.prompts, 100, world)
     echo(report.table("quick held-out check (100 per family; `edgeqtl eval` runs the full set):"))
 
 
 def train_records(split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: Echo, seed: int = 0,
-                  progress: bool = True):
-    """The tiny preset from scratch on a user's records: its word vocabulary is every
-    word of every turn (and the chat format's), its chat format the shapes world's."""
+                  progress: bool = True, preset=None):
+    """A preset (default tiny) from scratch on a user's records: its word vocabulary is
+    every word of every turn (and the chat format's), its chat format the shapes world's."""
     from edgeqtl.data import load_records
     from edgeqtl.vocab import word_tokenizer, words_of
 
-    from .presets import build_tiny
+    from .presets import PRESETS, build_preset
     from .sources import RecordSource
     from .training import train
 
@@ -113,7 +113,7 @@ def train_records(split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: E
                                                                                         chat.answer)]
     tokenizer = word_tokenizer(words_of(texts))
     vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
-    model = SplitModel(build_tiny(seed, vocab=vocab), split)
+    model = SplitModel(build_preset(preset or PRESETS["tiny"], seed, vocab=vocab), split)
     prompts = shapes.prompts(model.num_image_tokens, tokenizer)
     records = checked(opts.data, opts, model, prompts, echo)
     echo(f"{len(records)} records, a vocabulary of {len(vocab)} words from them")

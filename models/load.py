@@ -104,6 +104,14 @@ def read_split_meta(directory: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def world_of(directory: str | Path):
+    """The built-in world (edgeqtl.worlds) a model directory was trained on, as its
+    edgeqtl_split.json records it; the shapes world when it records none."""
+    from edgeqtl.worlds import get_world
+
+    return get_world(read_split_meta(directory).get("world"))
+
+
 # The LLaVA-1.5 template, for a plain Llava checkpoint that carries no chat settings of edgeqtl's.
 LLAVA_CHAT = ChatFormat.from_template("USER: {image}\n{prompt} ASSISTANT:")
 

@@ -1,8 +1,8 @@
 """Where training batches come from, for the in-process recipe (models/training.py):
 
-    WorldSource   a built-in world's endless stream (edgeqtl.shapes): deterministic per
-                  seed and step, with the object-count curriculum, and the scene
-                  description beside every image (the tiny preset's cell probe reads it)
+    WorldSource   a built-in world's endless stream (edgeqtl.worlds): deterministic per
+                  seed and step (shapes: with the object-count curriculum), and the scene
+                  description beside every image (the stage-1 probe reads it)
     RecordSource  a user's LLaVA records (edgeqtl.data): batch `step` draws, for each
                   slot of the family mix, a record of that category, from a generator
                   seeded by (seed, step), so a resumed run sees the same batches
@@ -25,7 +25,12 @@ class WorldSource:
     def __init__(self, collate: Collator, cfg, world=shapes):
         self.collate, self.cfg, self.world = collate, cfg, world
         self.categories = tuple(world.FAMILIES)
-        self.name = world.__name__.rsplit(".", 1)[-1]  # recorded with the model: export calibrates on it
+        self.name = world.__name__.rsplit(".", 1)[-1]  # recorded with the model: eval and export use it
+        # Only the shapes world ramps its object count (the scenes world draws its own).
+        self.curriculum = world is shapes and cfg.curriculum_steps > 0
+        if world is not shapes and cfg.curriculum_steps > 0:
+            raise ValueError(f"the {self.name} world has no object-count curriculum; train with "
+                             "--curriculum-steps 0")
 
     @classmethod
     def for_model(cls, model, cfg, world=shapes, tokenizer=None) -> "WorldSource":
@@ -42,8 +47,8 @@ class WorldSource:
         from .training import max_objects_at
 
         cfg = self.cfg
-        return self.collate(self.world.train_batch(cfg.seed, step, cfg.batch_size, families=tuple(mix),
-                                                   max_objects=max_objects_at(step, cfg)))
+        ramp = {"max_objects": max_objects_at(step, cfg)} if self.curriculum else {}
+        return self.collate(self.world.train_batch(cfg.seed, step, cfg.batch_size, families=tuple(mix), **ramp))
 
 
 class RecordSource:

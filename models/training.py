@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeqtl import shapes
+from edgeqtl import scenes, shapes
 from edgeqtl.imageproc import ImageSpec
 
 from .batches import Batch, Collator, image_spec_of
@@ -121,6 +121,29 @@ class CellProbe(nn.Module):
         targets = (tc, ts, cell.expand(len(samples), -1))
         logits = out.split(list(self.CLASSES), dim=-1)
         return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1)) for lg, t in zip(logits, targets))
+
+
+class ObjectProbe(nn.Module):
+    """The scenes world's probe: every image token predicts the colour, shape, digit and
+    size class of the object over its patch (edgeqtl.scenes.token_labels; 0: none).
+    Objects sit anywhere, so labels are per patch rather than per grid cell; where a
+    token sits the rotary positions tell the language model."""
+
+    def __init__(self, wire_dim: int, n_image_tokens: int):
+        super().__init__()
+        self.side = math.isqrt(n_image_tokens)
+        if self.side ** 2 != n_image_tokens:
+            raise ValueError("the object probe needs a square patch grid")
+        self.classes = tuple(1 + n for _, n in scenes.TOKEN_LABELS)
+        self.head = nn.Linear(wire_dim, sum(self.classes))
+
+    def loss(self, feats, batch) -> torch.Tensor:
+        samples = batch.samples
+        targets = torch.from_numpy(np.stack([scenes.token_labels(s.scene, self.side) for s in samples]))
+        targets = targets.reshape(len(samples), len(self.classes), -1)  # (B, labels, tokens), row-major
+        logits = self.head(feats).split(list(self.classes), dim=-1)
+        return sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets[:, i].reshape(-1))
+                   for i, lg in enumerate(logits))
 
 
 class PixelProbe(nn.Module):
@@ -288,7 +311,7 @@ def make_probe(kind: str, wire_dim: int, n_img: int, source, log=print):
     if kind == "cells":
         if not source.has_scenes:
             raise ValueError("the cell probe needs a built-in world's scene labels; use --probe pixels with --data")
-        return CellProbe(wire_dim, n_img)
+        return ObjectProbe(wire_dim, n_img) if source.name == "scenes" else CellProbe(wire_dim, n_img)
     if kind == "pixels":
         side = math.isqrt(n_img)
         if side * side != n_img:

@@ -8,7 +8,7 @@ import click
 
 from .common import user_errors
 
-WORLDS = ("shapes",)
+WORLDS = ("shapes", "scenes")  # edgeqtl.worlds
 
 
 @click.group()
@@ -34,21 +34,23 @@ def export_world(world, out, train_samples, heldout_per_family, seed):
     Example:
       edgeqtl data export --world shapes --out data/shapes
       edgeqtl train --preset tiny --data data/shapes/train.json --eval-data data/shapes/heldout.json --out runs/t
+      edgeqtl data export --world scenes --out data/scenes --train-samples 50000
     """
     from tqdm import tqdm
 
     from edgeqtl import data as records
-    from edgeqtl import shapes
+    from edgeqtl.worlds import get_world
 
+    source = get_world(world)
     batch = 256
     samples = []
     for step in tqdm(range(-(-train_samples // batch)), desc="generate", dynamic_ncols=True):
-        samples += shapes.train_batch(seed, step, batch)
-    first = shapes.CHAT.image_first
+        samples += source.train_batch(seed, step, batch)
+    first = source.CHAT.image_first
     train = records.write_samples(samples[:train_samples], out, "train", image_first=first)
-    heldout = records.write_samples(shapes.heldout(heldout_per_family), out, "heldout", image_first=first)
+    heldout = records.write_samples(source.heldout(heldout_per_family), out, "heldout", image_first=first)
     click.echo(f"wrote {train} ({train_samples} records) and {heldout} "
-               f"({heldout_per_family * len(shapes.FAMILIES)} records), images in {out / 'images'}")
+               f"({heldout_per_family * len(source.FAMILIES)} records), images in {out / 'images'}")
 
 
 @data.command("check")

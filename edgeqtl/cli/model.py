@@ -24,8 +24,9 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(["tiny"]), default="tiny", show_default=True,
-              help="Built-in model built from config, trained from scratch (when --model is not given).")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="Built-in model built from config, trained from scratch (when --model is not given): tiny "
+                   "(4 image tokens, the shapes world) or small (64 image tokens, the scenes world).")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A pretrained local HF Llava checkpoint (safetensors): adapt a fresh quantizer to it, "
                    "the VLM frozen (needs --data).")
@@ -83,9 +84,10 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
 
     from edgeqtl.models import jobs
     from edgeqtl.models.adapt import AdaptConfig
-    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.presets import build_preset, get_preset
     from edgeqtl.models.split import SplitModel
     from edgeqtl.models.training import TrainConfig
+    from edgeqtl.worlds import get_world
 
     set_threads(threads)
     split = split_config_from(cut, bits, levels, baseline, clip_sigmas)
@@ -100,17 +102,21 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
                                   **given)
         jobs.adapt_records(model_dir, split, cfg, opts, out, click.echo, progress=not quiet)
     else:
-        cfg = dataclasses.replace(TrainConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                                              probe=probe or ("pixels" if data is not None else "cells")),
-                                  **given, **({"vision_steps": vision_steps} if vision_steps is not None else {}),
-                                  **({"curriculum_steps": curriculum_steps} if curriculum_steps is not None else {}))
-        model = SplitModel(build_tiny(seed), split)  # checks the split against the preset before anything runs
-        click.echo(f"training {preset} split at cut {split.cut}, {describe_split(split)}, {cfg.steps} steps on "
-                   f"{data or 'the shapes world'} -> {out}")
+        spec = get_preset(preset)
+        base = dataclasses.replace(TrainConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every),
+                                   **dict(spec.train))
         if data is not None:
-            jobs.train_records(split, cfg, opts, out, click.echo, seed, progress=not quiet)
+            base = dataclasses.replace(base, probe="pixels")  # records carry no scene labels
+        cfg = dataclasses.replace(base, **given, **({"probe": probe} if probe is not None else {}),
+                                  **({"vision_steps": vision_steps} if vision_steps is not None else {}),
+                                  **({"curriculum_steps": curriculum_steps} if curriculum_steps is not None else {}))
+        model = SplitModel(build_preset(spec, seed), split)  # checks the split against the preset before anything runs
+        click.echo(f"training {preset} split at cut {split.cut}, {describe_split(split)}, {cfg.steps} steps on "
+                   f"{data or f'the {spec.world} world'} -> {out}")
+        if data is not None:
+            jobs.train_records(split, cfg, opts, out, click.echo, seed, progress=not quiet, preset=spec)
         else:
-            jobs.train_world(model, cfg, out, click.echo, progress=not quiet)
+            jobs.train_world(model, cfg, out, click.echo, progress=not quiet, world=get_world(spec.world))
     click.echo(f"saved to {out}")
 
 
@@ -119,7 +125,7 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
               help="A trained split model directory (from `edgeqtl train`).")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your held-out records (LLaVA format): answers generated greedily, normalised exact match. "
-                   "Without it: the built-in shapes world's held-out set.")
+                   "Without it: the held-out set of the built-in world the model was trained on.")
 @data_options
 @click.option("--per-family", type=int, default=500, show_default=True,
               help="Without --data: held-out questions per family.")
@@ -139,14 +145,14 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
       edgeqtl eval --model runs/adapted --data mine/test.jsonl --json runs/adapted/eval.json
     """
     from edgeqtl.models import jobs
-    from edgeqtl.models.load import load_prompts, load_split_model, read_split_meta
+    from edgeqtl.models.load import load_prompts, load_split_model, read_split_meta, world_of
 
     set_threads(threads)
     model = load_split_model(model_dir)
     prompts = load_prompts(model_dir, model)
     title = f"{model_dir}: cut {model.split.cut}, {describe_split(model.split)}"
     if data is None:
-        report = jobs.eval_world(model, prompts, per_family)
+        report = jobs.eval_world(model, prompts, per_family, world_of(model_dir))
         click.echo(report.table(f"{title}, {report.n} held-out questions"))
     else:
         opts = jobs.DataOptions(data, None, image_root, skip_bad, max_new_tokens)
