@@ -9,7 +9,9 @@
 2. Answers per second with 16 devices asking at once, a server agent (its own process,
    `edgeqtl server`) with micro-batching (--max-batch 16) against one at a time
    (--max-batch 1). The devices send precomputed request frames, so the figure is the
-   server's (on a device, the client half runs on the device's own CPU). Cut 0.
+   server's (on a device, the client half runs on the device's own CPU). Cut 0. The
+   server process and the measuring are `edgeqtl bench server`'s (edgeqtl/bench/server.py),
+   which also sweeps the number of devices (1, 4, 16) into a report with a plot.
 3. Peak RSS of the device agent (ONNX Runtime, no torch) against a PyTorch client doing
    the same job (client half in PyTorch, same broker and server), each in its own process.
 Needs mosquitto (apt-get install mosquitto).
@@ -22,8 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from edgeqtl.memory import peak_rss_mb
@@ -51,30 +51,6 @@ def export_models(model: Path | None, tmp: Path) -> dict[int, Path]:
     return out
 
 
-class ServerProcess:
-    """`edgeqtl server` in its own process, ready when it says so."""
-
-    def __init__(self, bundle: Path, port: int, max_batch: int, threads: int, log: Path):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeqtl.cli", "server", "serve", "--server-half", str(bundle / "server"), "--broker",
-             f"mqtt://127.0.0.1:{port}", "--max-batch", str(max_batch), "--threads", str(threads)],
-            stdout=subprocess.DEVNULL, stderr=log.open("w"))
-        deadline = time.time() + 120
-        while "server agent on" not in log.read_text():
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server agent did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return self.log.read_text()
-
-
 def uplink(bundle: Path, port: int, n: int) -> dict:
     """Bytes per question with entropy-coded codes (the default when the bundle has an
     entropy model), with plainly packed codes, and as 16-bit hidden states."""
@@ -95,50 +71,6 @@ def uplink(bundle: Path, port: int, n: int) -> dict:
             "round_trips": statistics.mean(r[3] for r in rows), "same_answers": sum(r[4] for r in rows),
             "model_bits": coded.entropy.bits_per_code() if coded.entropy is not None else float("nan"),
             "levels": m.levels, "code_dim": m.code_dim, "hidden": m.hidden_size}
-
-
-def throughput(bundle: Path, port: int, devices: int, per_device: int) -> float:
-    """Answers per second with `devices` threads, each asking `per_device` questions in turn."""
-    from edgeqtl import shapes
-    from edgeqtl.device_agent.client import DeviceClient
-    from edgeqtl.transport import BrokerConfig, RequestClient
-    from edgeqtl.wire import FrameKind, new_request_id
-
-    client = DeviceClient(bundle)
-    samples = shapes.heldout(max(1, devices * per_device // len(shapes.FAMILIES) + 1))
-    wires = [client.encode(s.image, s.question)[0] for s in samples[: devices * per_device]]
-    transports = [RequestClient(BrokerConfig(port=port), f"bench-dev-{d}").start() for d in range(devices)]
-    barrier = threading.Barrier(devices + 1)
-    failures = []
-
-    def device(d: int):
-        barrier.wait()
-        try:
-            for i in range(d, len(wires), devices):
-                frame = client.frame(FrameKind.INFER_REQUEST, wires[i], new_request_id(), 0)
-                reply = transports[d].request(frame, timeout=30)
-                if reply.kind != FrameKind.ANSWER:
-                    failures.append(reply.json())
-        except Exception as e:  # noqa: BLE001 - reported after the run
-            failures.append(repr(e))
-
-    try:
-        for d in range(devices):  # warm-up: one question each, not timed
-            transports[d].request(client.frame(FrameKind.INFER_REQUEST, wires[d], new_request_id(), 0), timeout=30)
-        threads = [threading.Thread(target=device, args=(d,)) for d in range(devices)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-    finally:
-        for t in transports:
-            t.stop()
-    if failures:
-        raise RuntimeError(f"{len(failures)} requests failed: {failures[:3]}")
-    return len(wires) / elapsed
 
 
 def rss_worker(kind: str, bundle: Path, model: Path | None, port: int, n: int) -> dict:
@@ -194,6 +126,8 @@ def main(argv=None) -> int:
         print(json.dumps(rss_worker(args.worker, args.bundle, args.model, args.port, 20)))
         return 0
 
+    from edgeqtl import shapes
+    from edgeqtl.bench.server import ServerProcess, measure
     from edgeqtl.broker import MosquittoBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeqtl-agents-"))
@@ -215,14 +149,14 @@ def main(argv=None) -> int:
 
         cut0 = bundles.get(0) or next(iter(bundles.values()))
         rates = {}
+        asked = shapes.heldout(max(1, args.devices * args.per_device // len(shapes.FAMILIES) + 1))
         for max_batch in (1, 16):
             srv = ServerProcess(cut0, broker.port, max_batch, args.server_threads, tmp / f"srv-{max_batch}.log")
             try:
-                rates[max_batch] = throughput(cut0, broker.port, args.devices, args.per_device)
+                rates[max_batch] = measure(cut0, broker.port, args.devices, args.per_device, asked,
+                                           f"agents-b{max_batch}")["answers_per_s"]
             finally:
-                log = srv.stop()
-            stats = [ln for ln in log.splitlines() if ln.startswith("stopped:")]
-            rates[f"stats{max_batch}"] = json.loads(stats[-1][len("stopped: "):]) if stats else {}
+                rates[f"stats{max_batch}"] = srv.stop()
         print(f"\n2. server throughput, {args.devices} devices asking at once, {args.devices * args.per_device} "
               f"questions, server with {args.server_threads} threads, cut {0 if 0 in bundles else '?'}")
         print(f"{'server':<26}{'answers/s':>10}{'batches':>9}{'speedup':>9}")

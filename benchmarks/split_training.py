@@ -13,8 +13,16 @@ Prints held-out accuracy (each device's client half with the shared trunk, mean 
 two) and bytes per step up and down against 16-bit both ways, frames whole. With several
 seeds (shards, sampling and stochastic rounding all follow the seed), each run's accuracy is
 given as mean and spread over seeds, and its gap to the in-process run as the mean of the
-per-seed (paired) differences: the over-MQTT runs interleave their two devices as the
-threads happen to, so no two runs follow quite the same trajectory.
+per-seed (paired) differences. With --free the over-MQTT runs interleave their two
+devices as the threads happen to, so no two runs follow quite the same trajectory; taking
+turns (the default) an mqtt-<codec> run applies the steps of its local-<codec> twin in the
+same order and ends with the very same weights (`edgeqtl bench training` checks that).
+
+The runs themselves are `edgeqtl bench training`'s (edgeqtl/bench/training.py: service,
+devices, the link in process or over MQTT, the devices taking turns unless --free); this
+script adds the held-out accuracy and the codec comparison. The bench suite measures the
+other side: time per step over MQTT against in process, and that the two give the same
+weights when the codec is the same.
 """
 from __future__ import annotations
 
@@ -22,8 +30,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,83 +80,23 @@ def evaluate_devices(server, devices, per_family: int) -> list[float]:
     return accs
 
 
-def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lockstep: bool) -> dict:
+def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lockstep: bool, threads: int) -> dict:
+    """One run: `edgeqtl bench training`'s two devices on one trunk (in process when port
+    is None, else over the broker), then each device's held-out accuracy."""
     from edgeqtl import shapes
-    from edgeqtl.models.load import load_split_model
-    from edgeqtl.models.split import fingerprint
-    from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard, run_device
-    from edgeqtl.server_agent.training import TrainingService
+    from edgeqtl.bench.training import train_devices
+    from edgeqtl.device_agent.training import ShapesShard
 
-    base = load_split_model(model_dir)
-    fp = bytes.fromhex(fingerprint(base))[:16]
-    server = TrainingService(base, cfg, num_devices=2, fingerprint=fp)
-    devices = []
-    for i in range(2):
-        model = load_split_model(model_dir)
-        devices.append(DeviceTrainer(model, ShapesShard(model, shapes.build_tokenizer(), cfg, i, 2), cfg,
-                                     f"bench-{name}-{i}", fingerprint=fp))
-    t0 = time.time()
-    if port is None:
-        link = LocalLink(server)
-        for _ in range(cfg.steps):  # alternate, as the threads below roughly do
-            for d in devices:
-                step = d.step + 1
-                frame, out, _ = d.request(step)
-                reply = link.request(frame)
-                d.apply(step, out, reply)
-                d.count_bytes(frame, reply)
-    else:
-        from edgeqtl.transport import BrokerConfig, RequestClient, Responder
-
-        cfgb = BrokerConfig(port=port)
-
-        turns = threading.Condition()
-        turn = [0]  # lockstep: whose request goes next
-
-        class Link:
-            def __init__(self, t, index):
-                self.t, self.index = t, index
-
-            def request(self, frame):
-                if not lockstep:
-                    return self.t.request(frame, timeout=30)
-                with turns:
-                    if not turns.wait_for(lambda: turn[0] == self.index or errors, timeout=120) or errors:
-                        raise RuntimeError("the other device stopped")
-                try:
-                    return self.t.request(frame, timeout=30)
-                finally:
-                    with turns:
-                        turn[0] = (self.index + 1) % len(devices)
-                        turns.notify_all()
-
-        errors = []
-
-        def device(i, d):
-            try:
-                with RequestClient(cfgb, d.device_id) as t:
-                    run_device(d, Link(t, i))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-                with turns:
-                    turns.notify_all()
-
-        with Responder(cfgb, server.handle_batch, group=None, client_id=f"bench-srv-{name}"):
-            threads = [threading.Thread(target=device, args=(i, d)) for i, d in enumerate(devices)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        if errors:
-            raise RuntimeError(f"{name}: {errors[0]}")
-    elapsed = time.time() - t0
+    r = train_devices(model_dir, cfg, port, threads,
+                      lambda model, i: ShapesShard(model, shapes.build_tokenizer(), cfg, i, 2), num_devices=2,
+                      lockstep=lockstep)
+    devices = r.devices
     n = sum(d.step for d in devices)
-    accs = evaluate_devices(server, devices, per_family)
-    return {"accuracy": float(np.mean(accs)), "devices": accs, "minutes": elapsed / 60,
+    accs = evaluate_devices(r.service, devices, per_family)
+    return {"accuracy": float(np.mean(accs)), "devices": accs, "minutes": r.seconds / 60,
             "up": sum(d.bytes_up for d in devices) / n, "down": sum(d.bytes_down for d in devices) / n,
             "up16": sum(d.fp16_up for d in devices) / n, "down16": sum(d.fp16_down for d in devices) / n,
-            "applied": {d: ledger.applied for d, ledger in server.ledgers.items()}}
+            "applied": {d: ledger.applied for d, ledger in r.service.ledgers.items()}}
 
 
 def main(argv=None) -> int:
@@ -201,7 +147,7 @@ def main(argv=None) -> int:
             for name, (where, codec) in plan.items():
                 cfg = dataclasses.replace(base, grad_codec=codec, seed=seed)
                 r = run(name, model_dir, cfg, None if where == "local" else broker.port, args.per_family,
-                        not args.free)
+                        not args.free, args.threads)
                 results[name].append(r)
                 print(f"[{name} seed {seed}] held-out {100 * r['accuracy']:.2f}% (devices "
                       f"{', '.join(f'{100 * a:.2f}' for a in r['devices'])}) in {r['minutes']:.1f} min; "

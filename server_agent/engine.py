@@ -90,7 +90,8 @@ class GenerationEngine:
             arr = frame.array(self.entropy)
         except ProtocolError as e:
             raise CodedError("bad_codes", str(e)) from None
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
+        # a copy: the frame's array may be a read-only view of the message, which torch cannot wrap
+        return torch.from_numpy(np.array(arr, copy=True)).to(self.device)
 
     # ---------------------------------------------------------------- frames
     def handle(self, frame: Frame) -> Frame:

@@ -2,6 +2,8 @@
 with the shapes benchmark's tokenizer beside them (so that they export and verify)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from edgeqtl import shapes
@@ -63,3 +65,27 @@ def mosquitto():
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
     with MosquittoBroker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory):
+    """get(suite) -> (Section, out_dir): `edgeqtl bench SUITE --quick` on the tiny preset,
+    run on first request, all suites sharing one output directory (and so the models the
+    first one trained)."""
+    from edgeqtl.bench import suite as bench_suite
+    from edgeqtl.bench.report import BenchContext, write_section_json
+
+    out = tmp_path_factory.mktemp("bench")
+    ctx = BenchContext(out=out, quick=True, progress=False, echo=lambda line: None)
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            t0 = time.time()
+            section = bench_suite(name).run(ctx)
+            section.seconds = time.time() - t0
+            write_section_json(ctx, section)
+            done[name] = section
+        return done[name], out
+
+    return get

@@ -6,7 +6,8 @@ and calls into the package; torch is imported inside the commands that need it, 
     data         data export, data check              (cli/data.py)
     lab          broker, server serve, server train  (cli/serve.py), provision (cli/provision.py)
     device       device ask, device run, device train (cli/device.py)
-    everything   demo                                (cli/demo.py)
+    network      link (an emulated slow link)         (cli/link.py)
+    everything   demo (cli/demo.py), bench (cli/bench.py)
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import click
 
 from edgeqtl import __version__
 
+from .bench import bench
 from .data import data
 from .demo import demo
 from .device import device
+from .link import link
 from .model import evaluate, export, merge, train, zoo
 from .provision import provision
 from .serve import broker, server
@@ -35,6 +38,6 @@ def main():
     """
 
 
-COMMANDS = [train, evaluate, export, merge, zoo, data, broker, provision, server, device, demo]
+COMMANDS = [train, evaluate, export, merge, zoo, data, broker, provision, server, device, link, demo, bench]
 for command in COMMANDS:
     main.add_command(command)
