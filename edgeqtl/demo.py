@@ -36,7 +36,6 @@ def run_demo(workdir: Path, steps: int | None = None, questions: int = 100, retr
     from edgeqtl.models.presets import build_preset, get_preset
     from edgeqtl.models.sources import WorldSource
     from edgeqtl.models.split import SplitConfig, SplitModel
-    from edgeqtl.models.training import TrainConfig
     from edgeqtl.models.training import train as run_training
     from edgeqtl.server_agent.agent import ServerAgent, load_engine
     from edgeqtl.transport import BrokerConfig, RequestClient
@@ -53,7 +52,7 @@ def run_demo(workdir: Path, steps: int | None = None, questions: int = 100, retr
             if d.exists():
                 shutil.rmtree(d)
         echo(f"1/4 training the {preset} model, 2-bit codes at cut 0, {steps} steps -> {model_dir}")
-        base = dataclasses.replace(TrainConfig(), **dict(spec.train))
+        base = spec.train_config()
         cfg = dataclasses.replace(base, steps=steps, curriculum_steps=min(base.curriculum_steps, steps // 3),
                                   vision_steps=min(base.vision_steps, steps // 5))
         model = SplitModel(build_preset(spec, 0), SplitConfig(cut=0, levels=4))

@@ -9,7 +9,7 @@ vocabulary of the shapes world. About 1.7M parameters: the fast fixture of the t
 and a Qwen2 decoder (6 layers, hidden 192, 6 heads) on the scenes world: enough image
 tokens to reduce and to invert, and a world where bits matter. About 4.6M parameters,
 about 1 s a training step (batch 32) on 2 CPU cores: the benchmark the rate, privacy and
-token-reduction work reports on (docs/TRAINING.md, "The small preset").
+token-reduction work reports on (README, "The scenes world and the small preset").
 """
 from __future__ import annotations
 
@@ -48,8 +48,14 @@ class Preset:
     def num_image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def train_config(self, **fields):
+        """models.training.TrainConfig with this preset's defaults, then `fields` over them."""
+        import dataclasses as dc
 
-TinyPreset = Preset  # the defaults are the tiny preset's
+        from .training import TrainConfig
+
+        return dc.replace(TrainConfig(), **{**dict(self.train), **fields})
+
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(),
@@ -91,10 +97,6 @@ def llava_config(p: Preset, vocab: list[str] | None = None):
         vision_config=vision, text_config=text, image_token_index=vocab.index(vocab_words.IMAGE_TOKEN),
         vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=p.num_image_tokens,
         projector_hidden_act="gelu", tie_word_embeddings=False)
-
-
-def tiny_llava_config(p: Preset = PRESETS["tiny"], vocab: list[str] | None = None):
-    return llava_config(p, vocab)
 
 
 def build_preset(name_or_preset: str | Preset, seed: int = 0, vocab: list[str] | None = None):

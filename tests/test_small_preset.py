@@ -2,7 +2,6 @@
 untrained model exported, verified and answering over mosquitto (no long training)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -55,10 +54,10 @@ def test_token_labels_name_the_object_over_each_patch():
 
 def test_object_probe_loss_falls_on_a_fixed_batch():
     from edgeqtl.models.sources import WorldSource
-    from edgeqtl.models.training import TrainConfig, make_probe
+    from edgeqtl.models.training import make_probe
 
     model = SplitModel(build_preset("small", 0), SplitConfig(cut=0, levels=4))
-    cfg = dataclasses.replace(TrainConfig(), **{**dict(PRESETS["small"].train), "batch_size": 4})
+    cfg = PRESETS["small"].train_config(batch_size=4)
     source = WorldSource.for_model(model, cfg, scenes)
     probe = make_probe(cfg.probe, model.split.code_dim, model.num_image_tokens, source)
     assert type(probe).__name__ == "ObjectProbe"

@@ -35,11 +35,10 @@ def trained_model(ctx: BenchContext, levels: int | None, cut: int = 0) -> Path:
     from edgeqtl.models import jobs
     from edgeqtl.models.presets import build_preset, get_preset
     from edgeqtl.models.split import SplitConfig, SplitModel
-    from edgeqtl.models.training import TrainConfig
     from edgeqtl.worlds import get_world
 
     spec = get_preset(ctx.preset)
-    cfg = dataclasses.replace(TrainConfig(), **dict(spec.train))
+    cfg = spec.train_config()
     if ctx.quick:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK_TRAIN.items()
                                           if not (k == "curriculum_steps" and cfg.curriculum_steps == 0)})

@@ -86,7 +86,6 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
     from edgeqtl.models.adapt import AdaptConfig
     from edgeqtl.models.presets import build_preset, get_preset
     from edgeqtl.models.split import SplitModel
-    from edgeqtl.models.training import TrainConfig
     from edgeqtl.worlds import get_world
 
     set_threads(threads)
@@ -103,8 +102,7 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
         jobs.adapt_records(model_dir, split, cfg, opts, out, click.echo, progress=not quiet)
     else:
         spec = get_preset(preset)
-        base = dataclasses.replace(TrainConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every),
-                                   **dict(spec.train))
+        base = spec.train_config(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every)
         if data is not None:
             base = dataclasses.replace(base, probe="pixels")  # records carry no scene labels
         cfg = dataclasses.replace(base, **given, **({"probe": probe} if probe is not None else {}),
