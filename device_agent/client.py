@@ -6,6 +6,14 @@ Pillow, tokenizers and paho-mqtt only.
       2. run the client prefill graph -> integer codes (and, cut > 0, the KV cache);
       3. send the packed codes; at cut > 0 answer each NEXT_TOKEN with the codes of
          that token from the decode-step graph, until the server sends the ANSWER.
+
+A request may carry options (InferOptions: max new tokens, sampling, stop strings,
+streaming). A second question about the same image, to a server that confirmed it kept
+the image's codes, names them by digest instead of sending them again; a miss (expired,
+another server, a server restarted) costs one resend in full, never a wrong answer.
+Options and references make the request a version 2 frame; a version 1 server refuses it
+naming both versions, and the device then asks again the version 1 way if nothing it
+needs is lost (the image reference), or says which option the old server cannot honour.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,8 +30,8 @@ from edgeqtl.errors import RemoteError
 from edgeqtl.imageproc import load_image, preprocess
 from edgeqtl.prompt import PromptEncoder, PromptError
 from edgeqtl.transport import RequestTimeout
-from edgeqtl.wire import (Frame, FrameKind, array_frame, codes_frame, encode_frame, header_nbytes, new_request_id,
-                          raise_if_error)
+from edgeqtl.wire import (Frame, FrameKind, ImageRef, InferOptions, array_part, codes_part, encode_frame,
+                          frame_of, header_nbytes, image_digest, infer_request_frame, new_request_id, raise_if_error)
 
 from .session import open_session
 
@@ -37,12 +46,16 @@ class Answer:
     bytes_up_fp16: int  # the same frames carrying 16-bit hidden states instead, headers included
     round_trips: int
     restarts: int = 0  # generations started again after their server agent died
+    first_token_s: float | None = None  # from the question to its first token on the device
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    image_by_reference: bool = False  # the image's codes were not sent again
 
 
 class DeviceClient:
     def __init__(self, bundle_dir: str | Path, variant: str | None = None, threads: int | None = None,
-                 entropy: bool = True):
-        """entropy=False: send plainly packed codes even when the bundle has an entropy model."""
+                 entropy: bool = True, reuse_images: bool = True):
+        """entropy=False: send plainly packed codes even when the bundle has an entropy model.
+        reuse_images=False: always send the image's codes (and plain version 1 requests)."""
         self.dir = Path(bundle_dir)
         self.manifest = m = BundleManifest.load(self.dir)
         self.variant = variant or m.graph("prefill").variant  # fp32 first where there is one
@@ -51,6 +64,8 @@ class DeviceClient:
         self.entropy = m.entropy_model if entropy else None
         self.prefill = open_session(self.dir / m.graph("prefill", self.variant).file, m.target, threads)
         self.decode = open_session(self.dir / m.graph("decode", self.variant).file, m.target, threads) if m.cut else None
+        self.reuse_images = reuse_images
+        self._images: dict[str, tuple[str | None, float]] = {}  # digest -> (server holding it, until when)
 
     # ---------------------------------------------------------------- the client half
     def encode(self, image, prompt: str):
@@ -73,17 +88,49 @@ class DeviceClient:
         out = self.decode.run(None, feeds)
         return out[0], mask, out[1:]
 
-    def frame(self, kind: FrameKind, wire: np.ndarray, request_id: bytes, step: int) -> Frame:
+    def part(self, wire: np.ndarray):
         m = self.manifest
-        fields = dict(request_id=request_id, fingerprint=m.fingerprint_bytes, step=step)
         if m.quantizer == "fsq":
-            return codes_frame(kind, wire, m.levels, entropy=self.entropy, **fields)
-        return array_frame(kind, wire.astype(np.float16), **fields)
+            return codes_part(wire, m.levels, entropy=self.entropy)
+        return array_part(wire.astype(np.float16))
+
+    def frame(self, kind: FrameKind, wire: np.ndarray, request_id: bytes, step: int) -> Frame:
+        return frame_of(kind, self.part(wire), request_id=request_id, fingerprint=self.manifest.fingerprint_bytes,
+                        step=step)
+
+    def image_span(self, ids: np.ndarray) -> tuple[int, int] | None:
+        """(first position, count) of the image tokens in a one-row prompt, when they are
+        one run (else None: the image is not sent by reference)."""
+        where = np.flatnonzero(ids[0] == self.prompts.image_token_id)
+        if not len(where) or where[-1] - where[0] + 1 != len(where):
+            return None
+        return int(where[0]), len(where)
+
+    def prompt_request(self, wire: np.ndarray, span: tuple[int, int] | None, options: InferOptions,
+                       request_id: bytes) -> tuple[Frame, str | None, bool]:
+        """The INFER_REQUEST, the server to send it to (None: the shared topic) and
+        whether it names the image by reference."""
+        fields = dict(request_id=request_id, fingerprint=self.manifest.fingerprint_bytes)
+        if span is None or not self.reuse_images:
+            return infer_request_frame(self.part(wire), options, **fields), None, False
+        at, n = span
+        digest = image_digest(wire[0, at:at + n])
+        held = self._images.get(digest)
+        if held is not None and held[1] > time.monotonic():
+            rest = np.concatenate([wire[:, :at], wire[:, at + n:]], axis=1)
+            options = dataclasses.replace(options, image=ImageRef(at, n, digest, by_reference=True))
+            return infer_request_frame(self.part(rest), options, **fields), held[0], True
+        options = dataclasses.replace(options, image=ImageRef(at, n, digest))
+        return infer_request_frame(self.part(wire), options, **fields), None, False
 
     # ---------------------------------------------------------------- one question
-    def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2,
-            restarts: int = 2) -> Answer:
+    def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2, restarts: int = 2,
+            options: InferOptions | None = None, on_token: Callable[[list[int]], None] | None = None) -> Answer:
         """`transport` is a started edgeqtl.transport.RequestClient.
+
+        options: generation settings for this question (None: the server's defaults).
+        on_token(ids): called with each new piece of the answer as it arrives (at cut 0
+        when options.stream is set; at cut > 0 every token is a round trip anyway).
 
         At cut > 0 a generation lives on one server agent; if that agent dies mid-answer
         (its decode step times out, or it no longer knows the session) the generation
@@ -91,30 +138,38 @@ class DeviceClient:
         """
         t0 = time.perf_counter()
         wire, mask, past = self.encode(image, prompt)
-        sent = _Sent()
+        ids, _ = self.prompts.encode([prompt])
+        span = self.image_span(ids) if self.manifest.quantizer == "fsq" else None
+        sent = _Sent(tokens=_Tokens(on_token, t0))
+        options = options or InferOptions()
         for attempt in range(restarts + 1):
             try:
-                return dataclasses.replace(self._generate(transport, wire, mask, past, timeout, retries, t0, sent),
-                                           restarts=attempt)
+                return dataclasses.replace(self._generate(transport, wire, mask, past, span, options, timeout,
+                                                          retries, t0, sent), restarts=attempt)
             except _SessionLost as lost:
                 if attempt == restarts:
                     raise lost.error from None
                 log.warning("generation lost mid-answer (%s); starting again from the prompt", lost.error)
         raise AssertionError("unreachable")
 
-    def _generate(self, transport, wire, mask, past, timeout, retries, t0, sent: "_Sent") -> Answer:
+    def _generate(self, transport, wire, mask, past, span, options, timeout, retries, t0, sent: "_Sent") -> Answer:
         rid = new_request_id()
-        frame = self.frame(FrameKind.INFER_REQUEST, wire, rid, 0)
-        server_id = None
+        frame, server_id, by_ref = self.prompt_request(wire, span, options, rid)
+        sent.tokens.reset()
         while True:
             frame = transport.address(frame)  # as sent, so that the byte count has the whole header
             sent.up += len(encode_frame(frame))
-            sent.fp16 += header_nbytes(frame) + frame.shape[1] * self.manifest.hidden_size * 2
+            sent.fp16 += header_nbytes(frame) + (frame.shape[1] if frame.kind == FrameKind.DECODE_STEP else
+                                                 wire.shape[1]) * self.manifest.hidden_size * 2
             try:
                 # Decode steps go to one server: no retries there, a silent one has lost the session.
                 reply = transport.request(frame, timeout=timeout, retries=0 if server_id else retries,
-                                          server_id=server_id)
+                                          server_id=server_id, on_partial=sent.tokens.on_partial)
             except RequestTimeout as e:
+                if by_ref and frame.kind == FrameKind.INFER_REQUEST:  # the server holding the image is gone
+                    frame, server_id, by_ref = self._resend_in_full(wire, span, options, e)
+                    rid = frame.request_id
+                    continue
                 if server_id is None:
                     raise
                 raise _SessionLost(e) from None
@@ -124,16 +179,81 @@ class DeviceClient:
             except RemoteError as error:
                 if error.code == "unknown_session":
                     raise _SessionLost(error) from None
+                # Both ask again under a new request id: servers answer a repeated id from their cache.
+                if error.code == "image_not_cached" and by_ref:
+                    frame, server_id, by_ref = self._resend_in_full(wire, span, options, error)
+                    rid = frame.request_id
+                    continue
+                if error.code == "bad_frame" and "version" in error.message and frame.codec.name == "TENSORS":
+                    frame = self._as_version_1(wire, options, error)
+                    rid, server_id, by_ref = frame.request_id, None, False
+                    continue
                 raise
             if reply.kind == FrameKind.ANSWER:
                 a = reply.json()
-                return Answer(a["text"], a["tokens"], time.perf_counter() - t0, sent.up, sent.fp16, sent.trips)
+                if a.get("image_cached") and span is not None:
+                    ttl = float(a.get("image_ttl_s", 0))
+                    self._images[str(a["image_cached"])] = (a.get("server") or None, time.monotonic() + 0.9 * ttl)
+                ids = [int(t) for t in a.get("token_ids", [])]
+                sent.tokens.final(ids)
+                return Answer(a["text"], a["tokens"], time.perf_counter() - t0, sent.up, sent.fp16, sent.trips,
+                              first_token_s=sent.tokens.first_s, token_ids=ids, image_by_reference=by_ref)
             if reply.kind != FrameKind.NEXT_TOKEN or self.decode is None:
                 raise RemoteError("protocol", f"unexpected {reply.kind.name} reply")
             nxt = reply.json()
             server_id = nxt.get("server") or None
+            sent.tokens.add(len(sent.tokens.ids), [int(nxt["token_id"])])
             wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)
             frame = self.frame(FrameKind.DECODE_STEP, wire, rid, int(nxt["step"]))
+
+    def _resend_in_full(self, wire, span, options, why) -> tuple[Frame, None, bool]:
+        log.info("image not held by the server (%s); sending it again", why)
+        at, n = span
+        self._images.pop(image_digest(wire[0, at:at + n]), None)
+        return infer_request_frame(self.part(wire), dataclasses.replace(options, image=ImageRef(
+            at, n, image_digest(wire[0, at:at + n]))), request_id=new_request_id(),
+            fingerprint=self.manifest.fingerprint_bytes), None, False
+
+    def _as_version_1(self, wire, options: InferOptions, error: RemoteError) -> Frame:
+        """A server that speaks only version 1: ask the version 1 way when nothing asked
+        for is lost (the image reference and streaming only save bytes and waiting), else say
+        what it cannot do."""
+        wanted = {k: v for k, v in options.to_json().items() if k not in ("image", "stream")}
+        if wanted:
+            raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); it cannot take "
+                                            f"{', '.join(sorted(wanted))}: upgrade the server agent or drop them")
+        log.warning("the server speaks only protocol version 1 (%s); sending plain requests", error.message)
+        self.reuse_images = False
+        return self.frame(FrameKind.INFER_REQUEST, wire, new_request_id(), 0)
+
+
+class _Tokens:
+    """The answer's tokens as they reach the device (streamed, or one per round trip)."""
+
+    def __init__(self, on_token: Callable[[list[int]], None] | None, t0: float):
+        self.on_token, self.t0 = on_token, t0
+        self.ids: list[int] = []
+        self.first_s: float | None = None
+
+    def reset(self) -> None:  # a generation started again: what it says now is new
+        self.ids = []
+
+    def add(self, first: int, ids: list[int]) -> None:
+        new = ids[len(self.ids) - first:] if first <= len(self.ids) else []  # a repeat or a gap adds nothing
+        if not new:
+            return
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self.t0
+        self.ids += new
+        if self.on_token is not None:
+            self.on_token(new)
+
+    def on_partial(self, frame: Frame) -> None:
+        body = frame.json()
+        self.add(int(body.get("i", 0)), [int(t) for t in body.get("ids", [])])
+
+    def final(self, ids: list[int]) -> None:
+        self.add(0, ids)
 
 
 @dataclasses.dataclass
@@ -142,6 +262,7 @@ class _Sent:
     up: int = 0
     fp16: int = 0
     trips: int = 0
+    tokens: "_Tokens | None" = None
 
 
 class _SessionLost(Exception):

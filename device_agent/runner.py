@@ -2,7 +2,9 @@
 
 A job is one JSON object per line:
     {"id": "cam1-0001", "image": "frames/0001.png", "prompt": "how many shapes are there ?"}
-("id" is optional; relative image paths are taken from the job file's folder). Each job
+("id" is optional; relative image paths are taken from the job file's folder; a job may
+also set "max_new_tokens", "temperature", "top_p", "seed" and "stop", as `device ask`
+does). Jobs about an image the server already holds send it by reference. Each job
 gets exactly one answer line, in job order:
     {"id": ..., "answer": "3", "tokens": 1, "latency_ms": 41.2, "bytes_up": 318, "bytes_up_fp16": 3810, ...}
 or, when the job itself is bad (no such image, a server refusal), {"id": ..., "error": "..."}.
@@ -25,6 +27,7 @@ from typing import IO, Iterable, Iterator
 
 from edgeqtl.errors import EdgeqtlError
 from edgeqtl.transport import BrokerConfig, BrokerUnavailable, RequestClient, TransportError
+from edgeqtl.wire import InferOptions, ProtocolError
 
 from .client import DeviceClient
 
@@ -35,11 +38,15 @@ class JobError(EdgeqtlError, ValueError):
     """A job line that is not a job."""
 
 
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
 @dataclasses.dataclass
 class Job:
     id: str
     image: Path
     prompt: str
+    options: InferOptions = dataclasses.field(default_factory=InferOptions)
 
 
 def parse_job(line: str, base_dir: Path, default_id: str) -> Job:
@@ -53,7 +60,11 @@ def parse_job(line: str, base_dir: Path, default_id: str) -> Job:
     if missing:
         raise JobError(f"job has no {' or '.join(missing)} (a non-empty string)")
     image = Path(d["image"])
-    return Job(str(d.get("id", default_id)), image if image.is_absolute() else base_dir / image, d["prompt"])
+    try:
+        options = InferOptions.from_json({k: d[k] for k in GENERATION_FIELDS if k in d})
+    except ProtocolError as e:
+        raise JobError(str(e).replace("INFER_REQUEST options: ", "")) from None
+    return Job(str(d.get("id", default_id)), image if image.is_absolute() else base_dir / image, d["prompt"], options)
 
 
 def connect(cfg: BrokerConfig, device_id: str, max_backoff: float = 30.0, give_up_s: float | None = None,
@@ -86,10 +97,10 @@ class DeviceRunner:
         delay, t0 = 0.5, time.monotonic()
         while True:
             try:
-                a = self.client.ask(self.transport, job.image, job.prompt, timeout=self.timeout)
+                a = self.client.ask(self.transport, job.image, job.prompt, timeout=self.timeout, options=job.options)
                 return {"id": job.id, "prompt": job.prompt, "image": str(job.image), "answer": a.text,
                         "tokens": a.tokens, "latency_ms": round(1e3 * a.latency_s, 2), "bytes_up": a.bytes_up,
-                        "bytes_up_fp16": a.bytes_up_fp16, "round_trips": a.round_trips}
+                        "bytes_up_fp16": a.bytes_up_fp16, "round_trips": a.round_trips, "image_by_reference": a.image_by_reference}
             except TransportError as e:  # broker or servers down: wait and try again
                 if self.give_up_s is not None and time.monotonic() - t0 > self.give_up_s:
                     return {"id": job.id, "prompt": job.prompt, "image": str(job.image),

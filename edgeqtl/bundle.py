@@ -82,6 +82,7 @@ class BundleManifest:
     # Every file of the bundle but this manifest, the server half's included, with its size and sha256.
     files: list[FileSpec] = dataclasses.field(default_factory=list)
     max_context: int | None = None  # the model's context length: longer prompts are refused before sending
+    family: str | None = None  # the checkpoint's model_type and its LLM's, e.g. "llava/qwen2"
 
     @property
     def fingerprint_bytes(self) -> bytes:
@@ -138,6 +139,28 @@ class BundleManifest:
             if hashes and file_sha256(path) != spec.sha256:
                 raise BundleError(f"bundle file {name} does not match its sha256 in the manifest: corrupt; copy the "
                                   "bundle again")
+
+    def file_problems(self, directory: str | Path) -> dict[str, str | None]:
+        """Every listed file, and what is wrong with it (None: there, at its size and
+        sha256). Files in the directory that the manifest does not list are named too."""
+        directory = Path(directory)
+        out: dict[str, str | None] = {}
+        for spec in self.files:
+            path = directory / spec.name
+            if not path.is_file():
+                out[spec.name] = "missing"
+            elif path.stat().st_size != spec.size:
+                out[spec.name] = f"{path.stat().st_size} bytes, the manifest says {spec.size}: truncated or partial"
+            elif file_sha256(path) != spec.sha256:
+                out[spec.name] = "sha256 differs from the manifest's: corrupt or changed"
+            else:
+                out[spec.name] = None
+        listed = {f.name for f in self.files} | {MANIFEST_FILE}
+        for path in sorted(directory.rglob("*")):
+            name = path.relative_to(directory).as_posix()
+            if path.is_file() and name not in listed:
+                out[name] = "not in the manifest"
+        return out
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_FILE

@@ -34,7 +34,7 @@ from typing import Callable
 
 from .chunking import ChunkError, Reassembler, is_chunk, split_frame
 from .errors import CodedError, EdgeqtlError
-from .wire import Frame, ProtocolError, decode_frame, encode_frame, error_frame, frame_ids
+from .wire import Frame, FrameKind, ProtocolError, decode_frame, encode_frame, error_frame, frame_ids
 
 log = logging.getLogger("edgeqtl.transport")
 
@@ -384,7 +384,7 @@ class RequestClient(_OwnsEndpoint):
         self.device_id = device_id
         self.reply_topic = reply_topic(device_id)
         # keyed by (request id, step): the decode steps of one generation share an id
-        self._pending: dict[tuple[bytes, int], tuple[threading.Event, list]] = {}
+        self._pending: dict[tuple[bytes, int], tuple[threading.Event, list, Callable | None]] = {}
         self._lock = threading.Lock()
         self.resends = 0  # requests sent again after a timeout
         self.endpoint = MqttEndpoint(cfg, f"edgeqtl-dev-{device_id}", self._on_reply, [self.reply_topic])
@@ -400,6 +400,13 @@ class RequestClient(_OwnsEndpoint):
                 slot = self._pending.get((f.request_id, f.step))
             if slot is None:
                 continue  # a late duplicate of a reply already taken
+            if f.kind == FrameKind.TOKENS:  # a partial reply: the request still waits for its answer
+                if slot[2] is not None:
+                    try:
+                        slot[2](f)
+                    except Exception:  # noqa: BLE001 - the caller's callback must not stop the replies
+                        log.exception("partial-reply callback failed")
+                continue
             slot[1].append(f)
             slot[0].set()
 
@@ -409,15 +416,25 @@ class RequestClient(_OwnsEndpoint):
         return dataclasses.replace(frame, device_id=self.device_id,
                                    reply_topic="" if self.endpoint.cfg.protocol == 5 else self.reply_topic)
 
-    def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2, server_id: str | None = None) -> Frame:
-        """server_id: send to that server agent's own topic instead of the shared one."""
+    def request(self, frame: Frame, timeout: float = 10.0, retries: int = 2, server_id: str | None = None,
+                on_partial: Callable[[Frame], None] | None = None) -> Frame:
+        """server_id: send to that server agent's own topic instead of the shared one.
+        on_partial: called (on the transport's thread) with each partial reply (TOKENS)
+        that comes before the reply; every partial resets the wait."""
         topic = server_request_topic(server_id, self.device_id) if server_id else request_topic(self.device_id)
         frame = self.address(frame)
         data = encode_frame(frame)
         event, box = threading.Event(), []
         key = (frame.request_id, frame.step)
+        progress = threading.Event()
+
+        def partial(f: Frame) -> None:
+            progress.set()
+            if on_partial is not None:
+                on_partial(f)
+
         with self._lock:
-            self._pending[key] = (event, box)
+            self._pending[key] = (event, box, partial)
         sent = 0
         try:
             for attempt in range(retries + 1):
@@ -426,7 +443,7 @@ class RequestClient(_OwnsEndpoint):
                 self.resends += sent > 0
                 self.endpoint.publish(topic, data, self.reply_topic, frame.request_id)
                 sent += 1
-                if event.wait(timeout):
+                if self._wait(event, progress, timeout):
                     return box[0]
                 log.info("request %s: no reply in %.1f s (attempt %d)", frame.request_id.hex()[:8], timeout, attempt + 1)
             if not sent:
@@ -438,6 +455,17 @@ class RequestClient(_OwnsEndpoint):
         finally:
             with self._lock:
                 self._pending.pop(key, None)
+
+
+    @staticmethod
+    def _wait(event: threading.Event, progress: threading.Event, timeout: float) -> bool:
+        """Wait for the reply; a streamed answer still coming (partials arriving) is not a timeout."""
+        while True:
+            if event.wait(timeout):
+                return True
+            if not progress.is_set():
+                return False
+            progress.clear()
 
 
 class Responder(_OwnsEndpoint):
@@ -464,6 +492,7 @@ class Responder(_OwnsEndpoint):
         self.served = 0
         self.batches = 0
         self._lock = threading.Lock()
+        self._handling: dict[tuple, list[Message]] = {}  # the batch being answered: where its partial replies go
         self.endpoint = MqttEndpoint(cfg, self.server_id, self._on_requests,
                                      [shared_request_subscription(group) if group else f"{TOPIC_ROOT}/req/+",
                                       server_request_topic(self.server_id, "+")], max_batch=max_batch)
@@ -499,12 +528,15 @@ class Responder(_OwnsEndpoint):
         if not todo:
             return
         frames = [f for f, _ in todo.values()]
+        self._handling = {key: msgs for key, (_, msgs) in todo.items()}
         try:
             replies = self.handle_batch(frames)
         except Exception as e:  # keep serving other devices
             log.exception("handler failed on a batch of %d", len(frames))
             replies = [error_frame(CodedError("server_error", f"{type(e).__name__}: {e}"), **f.reply_fields())
                        for f in frames]
+        finally:
+            self._handling = {}
         self.batches += 1
         for (key, (frame, msgs)), reply in zip(todo.items(), replies):
             data = encode_frame(reply)
@@ -515,6 +547,14 @@ class Responder(_OwnsEndpoint):
                 self.served += 1
             for m in msgs:
                 self._publish(m, frame, data)
+
+    def emit(self, request: Frame, partial: Frame) -> None:
+        """Publish a partial reply (streamed tokens) to whoever asked `request`, while the
+        handler is still answering it. Not cached: a retry gets the final reply only."""
+        msgs = self._handling.get((request.device_id, request.request_id, request.kind, request.step), [])
+        data = encode_frame(partial)
+        for m in msgs:
+            self._publish(m, request, data)
 
     def _publish(self, m: Message, frame: Frame | None, data: bytes) -> None:
         try:

@@ -2,7 +2,7 @@
 
     offset size  field
     0      4     magic b"EQTL"
-    4      1     version (1)
+    4      1     version (1 or 2: the lowest that has the frame's features; see VERSIONS)
     5      1     kind (FrameKind)
     6      1     codec (Codec)
     7      1     ndim (0..4)
@@ -39,7 +39,12 @@ from .codec import CODECS, GRADIENT_CODECS, Codec, CodecError, EntropyModel, enc
 from .errors import CodedError, EdgeqtlError, RemoteError
 
 MAGIC = b"EQTL"
-VERSION = 1
+VERSION = 2  # the newest version this edgeqtl speaks; it reads every version from 1
+# What each version added. The header layout is the same in all of them: a frame is sent
+# as the lowest version that has its features, so a peer that speaks only version 1
+# still serves a plain request, and refuses a newer one naming both versions.
+VERSIONS = {1: "codes, answers, decode steps, split training, federated averaging",
+            2: "INFER_REQUEST with options (generation settings, streaming, an image by reference); TOKENS"}
 MAX_NDIM = 4
 MAX_DEVICE_ID = 64
 MAX_REPLY_TOPIC = 512
@@ -58,6 +63,7 @@ class FrameKind(enum.IntEnum):
     DECODE_STEP = 3  # device -> server: codes of one new token (cut > 0)
     NEXT_TOKEN = 4  # server -> device: JSON {token_id, done}
     ERROR = 5  # either way: JSON {code, message}
+    TOKENS = 6  # server -> device (v2): JSON {i, ids}, streamed tokens i, i + 1, ... of an answer
     TRAIN_REQUEST = 16  # device -> server, TENSORS: codes, mask, answer positions, answer ids, JSON {ckpt_step}
     GRADIENT = 17  # server -> device, TENSORS: gradient w.r.t. the dequantised codes, JSON {loss, ...}
     FEDAVG_SUBMIT = 18  # device -> server, TENSORS: the device's trainable weights, flat float32; step = round
@@ -281,6 +287,150 @@ def parse_train_request(frame: Frame) -> TrainRequest:
     return TrainRequest(codes, labels, mask.astype(np.int64), ckpt)
 
 
+# --------------------------------------------------------------------------- inference's request (v2)
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MAX_STREAM_EVERY = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """Where the image's positions are in a prompt, and the digest of their codes. With
+    by_reference the frame's codes leave those positions out: the server splices in the
+    codes it kept from an earlier question (or answers `image_not_cached`)."""
+
+    at: int  # the first image position in the whole prompt
+    tokens: int  # how many positions
+    digest: str  # image_digest() of those positions' codes, hex
+    by_reference: bool = False
+
+    def to_json(self) -> dict:
+        return {"at": self.at, "tokens": self.tokens, "digest": self.digest, "ref": self.by_reference}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferOptions:
+    """What a device may ask of one generation; None: the server's default. The server
+    caps each within its own limits (server_agent/sampling.py)."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None  # 0: greedy
+    top_p: float | None = None
+    seed: int | None = None  # None: from the request id, so a retried request samples the same
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    stream: int = 0  # send TOKENS every this many tokens (0: only the final ANSWER)
+    image: ImageRef | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self == InferOptions()
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("temperature", self.temperature),
+                                 ("top_p", self.top_p), ("seed", self.seed)) if v is not None}
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if self.stream:
+            out["stream"] = self.stream
+        if self.image is not None:
+            out["image"] = self.image.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "InferOptions":
+        """Checks every field's type and range: ProtocolError names the one that is wrong."""
+        known = {"max_new_tokens", "temperature", "top_p", "seed", "stop", "stream", "image"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ProtocolError(f"INFER_REQUEST options: unknown field(s) {unknown}")
+        mnt = _opt_int(d, "max_new_tokens", 1, 2 ** 31 - 1)
+        seed = _opt_int(d, "seed", 0, 2 ** 63 - 1)
+        stream = _opt_int(d, "stream", 0, MAX_STREAM_EVERY) or 0
+        temperature = _opt_float(d, "temperature", 0.0, 100.0)
+        top_p = _opt_float(d, "top_p", 0.0, 1.0)
+        if top_p == 0.0:
+            raise ProtocolError("INFER_REQUEST options: top_p must be above 0")
+        stop = d.get("stop", [])
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(
+                isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop):
+            raise ProtocolError(f"INFER_REQUEST options: stop is a list of at most {MAX_STOP_STRINGS} non-empty "
+                                f"strings of at most {MAX_STOP_CHARS} characters")
+        image = d.get("image")
+        if image is not None:
+            if not isinstance(image, dict) or set(image) != {"at", "tokens", "digest", "ref"}:
+                raise ProtocolError("INFER_REQUEST options: image is {at, tokens, digest, ref}")
+            at, n = _opt_int(image, "at", 0, 2 ** 31 - 1), _opt_int(image, "tokens", 1, 2 ** 31 - 1)
+            digest = image["digest"]
+            if at is None or n is None or not isinstance(image["ref"], bool) or not isinstance(digest, str) \
+                    or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ProtocolError("INFER_REQUEST options: image needs integer at >= 0 and tokens >= 1, a 64-digit "
+                                    "hex digest and a boolean ref")
+            image = ImageRef(at, n, digest, image["ref"])
+        return cls(mnt, temperature, top_p, seed, tuple(stop), stream, image)
+
+
+def _opt_int(d: dict, key: str, lo: int, hi: int) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"INFER_REQUEST options: {key} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _opt_float(d: dict, key: str, lo: float, hi: float) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"INFER_REQUEST options: {key} must be a number in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def image_digest(codes: np.ndarray) -> str:
+    """The hex SHA-256 of an image's codes (T, D) as sent: what names them when a later
+    question sends the image by reference. Over the values, so packing or entropy
+    coding does not change it."""
+    import hashlib
+
+    arr = np.ascontiguousarray(codes)
+    arr = arr.astype(np.uint8) if arr.dtype.kind in "iub" else arr.astype(np.float16)
+    h = hashlib.sha256(f"{arr.dtype.str}{list(arr.shape)}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def infer_request_frame(codes: Part, options: InferOptions, **fields) -> Frame:
+    """INFER_REQUEST: the codes alone (version 1) when every option is the server's
+    default, else TENSORS [codes, JSON options] (version 2)."""
+    if options.is_default:
+        return frame_of(FrameKind.INFER_REQUEST, codes, **fields)
+    return tensors_frame(FrameKind.INFER_REQUEST, [codes, json_part(options.to_json())], **fields)
+
+
+def parse_infer_request(frame: Frame) -> tuple[Part, InferOptions]:
+    """(codes, options) of an INFER_REQUEST of either form."""
+    if frame.codec != Codec.TENSORS:
+        return frame.body, InferOptions()
+    parts = frame.parts()
+    if len(parts) != 2 or parts[1].codec != Codec.JSON or parts[0].codec in (Codec.JSON, Codec.TENSORS):
+        raise ProtocolError("an INFER_REQUEST with options has 2 parts: codes, then JSON options")
+    return parts[0], InferOptions.from_json(parts[1].json())
+
+
+def tokens_frame(first: int, ids: list[int], **fields) -> Frame:
+    """TOKENS: tokens `first`, `first` + 1, ... of an answer being generated (streaming)."""
+    return json_frame(FrameKind.TOKENS, {"i": int(first), "ids": [int(t) for t in ids]}, **fields)
+
+
+def frame_version(f: Frame) -> int:
+    """The lowest version that has this frame's features."""
+    if f.kind == FrameKind.TOKENS or (f.kind == FrameKind.INFER_REQUEST and f.codec == Codec.TENSORS):
+        return 2
+    return 1
+
+
 def _parse_parts(payload: bytes) -> list[Part]:
     buf = memoryview(payload)
     off = 0
@@ -321,7 +471,7 @@ def encode_frame(f: Frame) -> bytes:
     _check_fields(f)
     dev = f.device_id.encode("utf-8")
     reply = f.reply_topic.encode("utf-8")
-    head = _FIXED.pack(MAGIC, VERSION, int(f.kind), int(f.codec), len(f.shape), f.levels, 0,
+    head = _FIXED.pack(MAGIC, frame_version(f), int(f.kind), int(f.codec), len(f.shape), f.levels, 0,
                        f.request_id, f.fingerprint, f.step)
     parts = [head, struct.pack(f"<{len(f.shape)}I", *f.shape), struct.pack("<B", len(dev)), dev,
              struct.pack("<H", len(reply)), reply, struct.pack("<I", len(f.payload)), f.payload]
@@ -380,8 +530,11 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     magic, version, kind, codec, ndim, levels, flags, rid, fp, step = _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not an edgeqtl frame")
-    if version != VERSION:
-        raise ProtocolError(f"frame version {version}; this edgeqtl speaks version {VERSION}")
+    if version > VERSION:
+        raise ProtocolError(f"frame version {version} comes from a newer edgeqtl; this one speaks versions 1 to "
+                            f"{VERSION}: upgrade edgeqtl on this side (pip install -U edgeqtl)")
+    if version < 1:
+        raise ProtocolError(f"frame version {version} does not exist (versions start at 1)")
     try:
         kind, codec = FrameKind(kind), Codec(codec)
     except ValueError as e:
@@ -415,8 +568,12 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     if off != end:
         raise ProtocolError(f"{end - off} stray bytes after the payload")
     parts = _parse_parts(payload) if codec == Codec.TENSORS else None  # every part's sizes, checked now
-    return Frame(kind=kind, request_id=bytes(rid), fingerprint=bytes(fp), codec=codec, payload=payload,
-                 shape=tuple(shape), levels=levels, device_id=dev, reply_topic=reply, step=step, _parts=parts)
+    frame = Frame(kind=kind, request_id=bytes(rid), fingerprint=bytes(fp), codec=codec, payload=payload,
+                  shape=tuple(shape), levels=levels, device_id=dev, reply_topic=reply, step=step, _parts=parts)
+    if frame_version(frame) > version:
+        raise ProtocolError(f"a version {version} frame cannot be a {kind.name} with {codec.name} (that is version "
+                            f"{frame_version(frame)})")
+    return frame
 
 
 def _text(b: memoryview, what: str) -> str:
@@ -429,4 +586,5 @@ def _text(b: memoryview, what: str) -> str:
 __all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "encode_frame", "decode_frame", "frame_of",
            "codes_frame", "array_frame", "json_frame", "tensors_frame", "array_part", "codes_part", "gradient_part",
            "json_part", "error_frame", "raise_if_error", "new_request_id", "header_nbytes", "IGNORE_LABEL",
-           "TrainRequest", "train_request_frame", "parse_train_request"]
+           "TrainRequest", "train_request_frame", "parse_train_request", "ImageRef", "InferOptions", "image_digest",
+           "infer_request_frame", "parse_infer_request", "tokens_frame", "frame_version", "VERSION", "VERSIONS"]

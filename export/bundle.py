@@ -22,7 +22,8 @@ from edgeqtl.worlds import get_world
 from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
 from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb
 from edgeqtl.models.batches import image_spec_of
-from edgeqtl.models.load import CheckpointError, load_prompts, load_split_model, read_split_meta
+from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
+                                 read_split_meta)
 from edgeqtl.models.server_half import save_server_half
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
@@ -164,7 +165,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     prompts.save(out)
     save_server_half(model, out / "server", fp, out / "tokenizer.json",
                      extra={"text": dataclasses.asdict(text), "entropy": entropy.to_list() if entropy else None,
-                            "max_context": max_context_of(model)})
+                            "max_context": max_context_of(model),
+                            "generation": generation_record(model_dir, model, prompts)})
     gate = read_split_meta(model_dir).get("step", 0) > 0
     server = None if big else model.server  # small: kept, to compare answers too
     if big:
@@ -178,7 +180,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
                               graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
-                              max_context=max_context_of_dir(out / "server"))
+                              max_context=max_context_of_dir(out / "server"), family=family_of(model_dir))
     manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     manifest.save(out)
     result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
@@ -191,6 +193,16 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
 
 
 # --------------------------------------------------------------------------- the steps
+
+
+def family_of(model_dir: Path) -> str | None:
+    """The checkpoint's model_type and its LLM's ("llava/qwen2"), for `edgeqtl bundle inspect`."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    outer, inner = config.get("model_type"), (config.get("text_config") or {}).get("model_type")
+    return "/".join(str(t) for t in (outer, inner) if t) or None
 
 
 def _free_server_weights(model: SplitModel) -> None:

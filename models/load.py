@@ -161,5 +161,32 @@ def _first(ids):
     return ids[0] if isinstance(ids, (list, tuple)) and ids else ids
 
 
+def _ids(value) -> list[int]:
+    """An id or a list of ids (generation configs hold either) as a list."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def generation_record(directory: str | Path, model: SplitModel, prompts: PromptEncoder) -> dict:
+    """The checkpoint's own generation settings, for the server half (server_agent/sampling.py):
+    every end-of-sequence id (the tokenizer's, generation_config.json's, the LLM
+    config's: a Qwen2 chat model ends on <|im_end|> and on <|endoftext|>), and its
+    max_new_tokens, repetition_penalty, and temperature and top_p when it samples."""
+    g = _json(Path(directory) / "generation_config.json")
+    eos = []
+    for ids in (_ids(prompts.eos_token_id), _ids(g.get("eos_token_id")),
+                _ids(model.parts.decoder.config.eos_token_id)):
+        eos += [t for t in ids if t not in eos]
+    record = {"eos_token_ids": eos or [0]}
+    if isinstance(g.get("max_new_tokens"), int):
+        record["max_new_tokens"] = g["max_new_tokens"]
+    if isinstance(g.get("repetition_penalty"), (int, float)) and g["repetition_penalty"] > 0:
+        record["repetition_penalty"] = float(g["repetition_penalty"])
+    if g.get("do_sample"):  # transformers ignores temperature and top_p when it does not sample
+        record["temperature"] = float(g.get("temperature", 1.0))
+        record["top_p"] = float(g.get("top_p", 1.0))
+    return record
+
+
 __all__ = ["CheckpointError", "UnsupportedModelError", "load_llava", "load_split_model", "read_split_meta",
-           "load_prompts"]
+           "load_prompts", "generation_record"]

@@ -1,4 +1,4 @@
-"""Greedy generation on the server half, frame in, frame out.
+"""Generation on the server half, frame in, frame out.
 
 cut = 0: the device sends the quantized prompt; the server also holds a token encoder
 (the embedding table and the quantizer encoder, nothing private), so it generates the
@@ -14,6 +14,12 @@ Requests that arrive together are answered as one batch (`handle_batch`).
 Every reply carries the step of the request it answers (the frame's `step` field), so a
 late duplicate of an earlier step's reply is never mistaken for the current one.
 
+Each request decodes with the checkpoint's own settings (every end id, its defaults),
+overridden by the request's options within the server's limits (sampling.py). With
+`stream` set, at cut 0, TOKENS frames carry the answer's tokens as they are made
+(`emit`, wired to the transport by the agent); the ANSWER still carries all of them. An
+image sent once can be named by digest in later requests (image_cache.py).
+
 Every defect in a request becomes an ERROR frame with a code and a one-line message;
 nothing a device sends can stop the engine serving others.
 """
@@ -27,10 +33,16 @@ import time
 import numpy as np
 import torch
 
+from typing import Callable
+
 from edgeqtl.codec import EntropyModel
 from edgeqtl.errors import CodedError
-from edgeqtl.wire import Codec, Frame, FrameKind, ProtocolError, error_frame, json_frame
+from edgeqtl.wire import (Codec, Frame, FrameKind, Part, ProtocolError, error_frame, image_digest, json_frame,
+                          parse_infer_request, tokens_frame)
 from edgeqtl.models.split import KVCache
+
+from .image_cache import ImageCache
+from .sampling import Decoding, GenerationSettings
 
 log = logging.getLogger("edgeqtl.server")
 
@@ -42,12 +54,20 @@ class Session:
     tokens: list[int]
     step: int
     deadline: float
+    decoding: Decoding
+    frame: Frame  # the request: replies and streamed tokens are addressed from it
+    image_cached: str | None = None  # the digest of the image codes kept for the device's next question
+    streamed: int = 0  # tokens sent in TOKENS frames so far
+    stopped: bool = False  # a stop string was generated
 
 
 class GenerationEngine:
-    def __init__(self, bundle, tokenizer, eos_token_id: int, max_new_tokens: int = 8, max_context: int = 2048,
-                 session_timeout: float = 60.0, device: str = "cpu", max_batch_tokens: int | None = None):
-        """max_context: the model's own (its max_position_embeddings, from the export).
+    def __init__(self, bundle, tokenizer, settings: GenerationSettings | int, max_new_tokens: int | None = None,
+                 max_context: int = 2048, session_timeout: float = 60.0, device: str = "cpu",
+                 max_batch_tokens: int | None = None, image_cache: ImageCache | None = None):
+        """settings: the generation settings (or, as before them, one end-of-sequence id).
+        max_new_tokens: a request's default, overriding the settings'.
+        max_context: the model's own (its max_position_embeddings, from the export).
         max_batch_tokens: a prefill batch holds at most this many tokens, padding included
         (16 devices with 750-token prompts would otherwise be one 12,000-token pass)."""
         self.bundle = bundle
@@ -55,8 +75,12 @@ class GenerationEngine:
         self.token_encoder = bundle.token_encoder.to(device).eval() if bundle.token_encoder is not None else None
         self.split = bundle.split
         self.tok = tokenizer
-        self.eos = eos_token_id
-        self.max_new_tokens = max_new_tokens
+        if isinstance(settings, int):
+            settings = GenerationSettings((settings,))
+        if max_new_tokens is not None:
+            settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens,
+                                           max_new_tokens_limit=max(max_new_tokens, settings.max_new_tokens_limit))
+        self.settings = settings
         self.max_context = max_context
         self.max_batch_tokens = max_batch_tokens
         self.session_timeout = session_timeout
@@ -65,10 +89,25 @@ class GenerationEngine:
         entropy = bundle.meta.get("entropy")
         self.entropy = EntropyModel.from_list(entropy) if entropy is not None else None
         self.server_id: str | None = None  # set by the agent: where this generation's decode steps must go
+        self.images = image_cache if image_cache is not None else ImageCache()
+        # set by the agent: emit(request, TOKENS frame) publishes a streamed part of an answer
+        self.emit: Callable[[Frame, Frame], None] | None = None
         self._lock = threading.Lock()
 
+    @property
+    def eos(self) -> int:
+        """The first end-of-sequence id (the engine stops on every one of settings.eos_token_ids)."""
+        return self.settings.eos_token_ids[0]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.settings.max_new_tokens
+
     # ---------------------------------------------------------------- validation
-    def wire_tensor(self, frame: Frame, expect_tokens: int | None = None) -> torch.Tensor:
+    def wire_tensor(self, frame: Frame | Part, expect_tokens: int | None = None,
+                    image_tokens: int = 0) -> np.ndarray:
+        """The codes (or fp16 values) of a request, checked and decoded. image_tokens:
+        positions the frame leaves out (an image by reference)."""
         s = self.split
         if s.quantizer == "fsq":
             accepted = (Codec.CODES, Codec.CODES_RANS) if self.entropy is not None else (Codec.CODES,)
@@ -83,15 +122,50 @@ class GenerationEngine:
             raise CodedError("bad_shape", f"expected codes of shape (1, tokens, {width}), got {list(frame.shape)}")
         if expect_tokens is not None and frame.shape[1] != expect_tokens:
             raise CodedError("bad_shape", f"a decode step carries {expect_tokens} token, got {frame.shape[1]}")
-        if frame.shape[1] > self.max_context:
-            raise CodedError("prompt_too_long", f"prompt of {frame.shape[1]} tokens exceeds the server's context "
-                                                  f"of {self.max_context}")
+        if frame.shape[1] + image_tokens > self.max_context:
+            raise CodedError("prompt_too_long", f"prompt of {frame.shape[1] + image_tokens} tokens exceeds the "
+                                                  f"server's context of {self.max_context}")
         try:
-            arr = frame.array(self.entropy)
+            return frame.array(self.entropy)
         except ProtocolError as e:
             raise CodedError("bad_codes", str(e)) from None
+
+    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
         # a copy: the frame's array may be a read-only view of the message, which torch cannot wrap
         return torch.from_numpy(np.array(arr, copy=True)).to(self.device)
+
+    def _prompt(self, frame: Frame) -> tuple[torch.Tensor, Decoding, str | None]:
+        """An INFER_REQUEST's whole prompt (an image by reference spliced back in), its
+        decoding, and the digest of the image codes it leaves here for the next question."""
+        try:
+            part, options = parse_infer_request(frame)
+        except ProtocolError as e:
+            raise CodedError("bad_options", str(e)) from None
+        decoding = self.settings.resolve(options, frame.request_id)
+        ref = options.image
+        if ref is None:
+            return self._tensor(self.wire_tensor(part)), decoding, None
+        arr = self.wire_tensor(part, image_tokens=ref.tokens if ref.by_reference else 0)
+        if ref.by_reference:
+            if ref.at > arr.shape[1]:
+                raise CodedError("bad_options", f"image position {ref.at} is past the {arr.shape[1]} positions sent")
+            kept = self.images.get(frame.device_id, ref.digest)
+            if kept is None or kept.shape[0] != ref.tokens:
+                raise CodedError("image_not_cached", f"this server does not hold image {ref.digest[:12]} for "
+                                                       f"{frame.device_id!r} (expired or never sent here); send the "
+                                                       "image again")
+            arr = np.concatenate([arr[:, :ref.at], kept[None].astype(arr.dtype), arr[:, ref.at:]], axis=1)
+            return self._tensor(arr), decoding, ref.digest
+        if ref.at + ref.tokens > arr.shape[1]:
+            raise CodedError("bad_options", f"image positions {ref.at}..{ref.at + ref.tokens} run past the "
+                                            f"{arr.shape[1]} positions sent")
+        span = arr[0, ref.at:ref.at + ref.tokens]
+        cached = None
+        if image_digest(span) == ref.digest and self.images.put(frame.device_id, ref.digest, span):
+            cached = ref.digest
+        else:
+            log.info("image codes from %s not kept (digest differs or too large)", frame.device_id)
+        return self._tensor(arr), decoding, cached
 
     # ---------------------------------------------------------------- frames
     def handle(self, frame: Frame) -> Frame:
@@ -150,7 +224,7 @@ class GenerationEngine:
                                f"{self.bundle.fingerprint_bytes.hex()}: export the device bundle and the server "
                                "half together and deploy both")
         if frame.kind == FrameKind.INFER_REQUEST:
-            return frame, self.wire_tensor(frame)
+            return (frame, *self._prompt(frame))
         if frame.kind == FrameKind.DECODE_STEP:
             with self._lock:
                 session = self.sessions.get((frame.device_id, frame.request_id))
@@ -159,7 +233,7 @@ class GenerationEngine:
                                                       "started); send the prompt again")
             if frame.step != session.step:
                 raise CodedError("bad_step", f"expected decode step {session.step}, got {frame.step}")
-            return frame, self.wire_tensor(frame, expect_tokens=1), session
+            return frame, self._tensor(self.wire_tensor(frame, expect_tokens=1)), session
         raise CodedError("bad_kind", f"a server agent takes INFER_REQUEST and DECODE_STEP, not {frame.kind.name}")
 
     @staticmethod
@@ -168,17 +242,45 @@ class GenerationEngine:
 
     # ---------------------------------------------------------------- model steps
     @torch.no_grad()
-    def _step(self, wire: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> list[int]:
-        return self.server.next_logits(wire, mask, cache).argmax(-1).tolist()
+    def _logits(self, wire: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.server.next_logits(wire, mask, cache)
+
+    def _add(self, s: Session, logits_row: torch.Tensor) -> None:
+        """Pick and append the session's next token; check its stop strings."""
+        s.tokens.append(s.decoding.pick(logits_row, s.tokens))
+        if s.decoding.stop and s.tokens[-1] not in s.decoding.eos:
+            s.stopped = s.decoding.stop_at(self.tok.decode(s.tokens)) is not None
 
     def _done(self, session: Session) -> bool:
-        return session.tokens[-1] == self.eos or len(session.tokens) >= self.max_new_tokens \
-            or session.mask.shape[1] >= self.max_context
+        return session.tokens[-1] in session.decoding.eos or session.stopped \
+            or len(session.tokens) >= session.decoding.max_new_tokens or session.mask.shape[1] >= self.max_context
+
+    def _ids(self, session: Session) -> list[int]:
+        return [t for t in session.tokens if t not in session.decoding.eos]
 
     def _answer(self, frame: Frame, session: Session) -> Frame:
-        ids = [t for t in session.tokens if t != self.eos]
-        return json_frame(FrameKind.ANSWER, {"text": self.tok.decode(ids), "tokens": len(ids), "token_ids": ids},
-                          **frame.reply_fields())
+        ids = self._ids(session)
+        text = self.tok.decode(ids)
+        cut = session.decoding.stop_at(text) if session.decoding.stop else None
+        body = {"text": text if cut is None else text[:cut], "tokens": len(ids), "token_ids": ids}
+        if session.decoding.capped:
+            body["capped"] = session.decoding.max_new_tokens
+        if session.image_cached:
+            body.update(image_cached=session.image_cached, image_ttl_s=self.images.ttl_s)
+            if self.server_id:
+                body["server"] = self.server_id
+        return json_frame(FrameKind.ANSWER, body, **frame.reply_fields())
+
+    def _stream(self, s: Session) -> None:
+        """Send the tokens made since the last TOKENS frame, every `stream` of them."""
+        ids = self._ids(s)
+        if self.emit is None or not s.decoding.stream or len(ids) - s.streamed < s.decoding.stream:
+            return
+        try:
+            self.emit(s.frame, tokens_frame(s.streamed, ids[s.streamed:], **s.frame.reply_fields()))
+        except Exception:  # noqa: BLE001 - a lost partial costs nothing: the ANSWER has every token
+            log.exception("could not stream tokens to %s", s.frame.device_id)
+        s.streamed = len(ids)
 
     def _prefill(self, group: list[tuple]) -> list[Frame]:
         frames, wires = [g[1] for g in group], [g[2] for g in group]
@@ -190,18 +292,24 @@ class GenerationEngine:
         for row, n in enumerate(lengths):
             mask[row, t_max - n:] = 1
         cache = KVCache()
-        first = self._step(wire, mask, cache)
-        now = time.time() + self.session_timeout
-        sessions = [Session(None, torch.ones(1, n, dtype=torch.long, device=self.device), [t], 1, now)
-                    for n, t in zip(lengths, first)]
+        logits = self._logits(wire, mask, cache)
+        deadline = time.time() + self.session_timeout
+        sessions = [Session(None, torch.ones(1, n, dtype=torch.long, device=self.device), [], 1, deadline,
+                            decoding=g[3], frame=g[1], image_cached=g[4]) for n, g in zip(lengths, group)]
+        for row, s in enumerate(sessions):
+            self._add(s, logits[row])
         if self.split.cut == 0:  # the server holds the token encoder: generate to the end, all rows at once
             while not all(self._done(s) for s in sessions):
+                for s in sessions:
+                    if not self._done(s):
+                        self._stream(s)
                 last = torch.tensor([[s.tokens[-1]] for s in sessions], device=self.device)
                 mask = torch.cat([mask, mask.new_ones(len(sessions), 1)], dim=1)
-                for s, t in zip(sessions, self._step(self.token_encoder(last), mask, cache)):
+                logits = self._logits(self.token_encoder(last), mask, cache)
+                for row, s in enumerate(sessions):
                     s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
                     if not self._done(s):
-                        s.tokens.append(t)
+                        self._add(s, logits[row])
                         s.step += 1
             return [self._answer(f, s) for f, s in zip(frames, sessions)]
         replies = []
@@ -222,7 +330,7 @@ class GenerationEngine:
         if len(sessions) == 1:
             s = sessions[0]
             s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
-            tokens = self._step(wires[0], s.mask, s.cache)
+            logits = self._logits(wires[0], s.mask, s.cache)
         else:
             lengths = [s.mask.shape[1] for s in sessions]
             l_max = max(lengths)
@@ -233,14 +341,14 @@ class GenerationEngine:
             cache = KVCache({i: (torch.cat([pad(s.cache.kv[i][0], n) for s, n in zip(sessions, lengths)]),
                                  torch.cat([pad(s.cache.kv[i][1], n) for s, n in zip(sessions, lengths)]))
                              for i in sessions[0].cache.kv})
-            tokens = self._step(torch.cat(wires), mask, cache)
+            logits = self._logits(torch.cat(wires), mask, cache)
             for row, (s, n) in enumerate(zip(sessions, lengths)):
                 s.cache = KVCache({i: (k[row:row + 1, :, l_max - n:], v[row:row + 1, :, l_max - n:])
                                    for i, (k, v) in cache.kv.items()})
                 s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
         replies = []
-        for f, s, t in zip(frames, sessions, tokens):
-            s.tokens.append(t)
+        for row, (f, s) in enumerate(zip(frames, sessions)):
+            self._add(s, logits[row])
             s.step += 1
             s.deadline = time.time() + self.session_timeout
             if self._done(s):

@@ -20,34 +20,89 @@ def _variant_option(fn):
                         help="Which client graph (default: the bundle's first).")(fn)
 
 
+def _generation_options(fn):
+    fn = click.option("--stop", multiple=True, help="End the answer before this string (repeatable).")(fn)
+    fn = click.option("--seed", type=int, default=None,
+                      help="Sampling seed (default: from the request id, so a retry samples the same).")(fn)
+    fn = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+                      help="Nucleus sampling mass (default: the checkpoint's).")(fn)
+    fn = click.option("--temperature", type=click.FloatRange(0, 100), default=None,
+                      help="0: greedy (default: the checkpoint's).")(fn)
+    fn = click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+                      help="Answer length cap (default: the server's; the server caps it at its own limit).")(fn)
+    return fn
+
+
+def infer_options(max_new_tokens, temperature, top_p, seed, stop, stream=0):
+    from edgeqtl.wire import InferOptions
+
+    return InferOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        stop=tuple(stop), stream=stream)
+
+
 @device.command()
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="An exported bundle directory.")
 @broker_options
 @click.option("--image", type=click.Path(path_type=Path), required=True)
-@click.option("--prompt", required=True, help="The question about the image.")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="The question about the image; repeat it for several questions about one image (after the "
+                   "first, the image goes by reference when the server kept it).")
 @device_id_option
 @_variant_option
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per try.")
+@_generation_options
+@click.option("--stream", type=click.IntRange(0, 64), default=4, show_default=True,
+              help="At cut 0, have the server send the answer every N tokens as it is made (0: all at the end). "
+                   "At cut > 0 every token arrives as it is made anyway.")
 @user_errors
-def ask(bundle, broker_url, login, ca_file, cert_file, key_file, image, prompt, device_id, variant, timeout):
-    """Ask one question about one image; prints the answer, latency and bytes sent.
+def ask(bundle, broker_url, login, ca_file, cert_file, key_file, image, prompts, device_id, variant, timeout,
+        max_new_tokens, temperature, top_p, seed, stop, stream):
+    """Ask questions about one image; prints each answer as it comes, with its latency
+    and the bytes sent.
 
     \b
-    Example:
+    Examples:
       edgeqtl device ask --bundle bundles/pi --broker mqtt://broker.lan \\
           --image photo.png --prompt "what color is the circle ?"
+      edgeqtl device ask --bundle bundles/pi --image photo.png --max-new-tokens 128 --temperature 0.7 \\
+          --prompt "describe the image" --prompt "what is on the left ?"
     """
     from edgeqtl.device_agent.client import DeviceClient
     from edgeqtl.transport import RequestClient
 
     client = DeviceClient(bundle, variant)
     cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
+    options = infer_options(max_new_tokens, temperature, top_p, seed, stop, stream if client.manifest.cut == 0 else 0)
     with RequestClient(cfg, default_device_id(device_id or login_id(login))) as t:
-        a = client.ask(t, image, prompt, timeout=timeout)
-    click.echo(a.text)
-    click.echo(f"latency {1e3 * a.latency_s:.1f} ms, {a.round_trips} round trip(s), sent {a.bytes_up} B "
-               f"(16-bit hidden states: {a.bytes_up_fp16} B, {100 * (1 - a.bytes_up / a.bytes_up_fp16):.1f}% saved)",
-               err=True)
+        for prompt in prompts:
+            printed = _Printer(client.prompts.tok)
+            a = client.ask(t, image, prompt, timeout=timeout, options=options, on_token=printed)
+            printed.finish(a.text)
+            ttft = f", first token {1e3 * a.first_token_s:.1f} ms" if a.first_token_s is not None else ""
+            click.echo(f"latency {1e3 * a.latency_s:.1f} ms{ttft}, {a.round_trips} round trip(s), sent {a.bytes_up} B "
+                       f"(16-bit hidden states: {a.bytes_up_fp16} B, {100 * (1 - a.bytes_up / a.bytes_up_fp16):.1f}% "
+                       f"saved){', image by reference' if a.image_by_reference else ''}", err=True)
+
+
+class _Printer:
+    """Prints an answer's text as its tokens come (decoded whole each time, so that a
+    character split across tokens comes out right)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, ids: list[int]) -> None:
+        self.ids += ids
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.shown) and "\ufffd" not in text[len(self.shown):]:
+            click.echo(text[len(self.shown):], nl=False)
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.shown):
+            click.echo(text[len(self.shown):])
+        else:  # a stop string cut what was streamed: the final answer stands on its own line
+            click.echo(("\n" if self.shown else "") + text)
 
 
 @device.command()

@@ -155,8 +155,9 @@ def _subscription_options(fn):
 
 
 @server.command()
-@click.option("--server-half", type=click.Path(path_type=Path), required=True,
-              help="The server/ directory of an exported bundle.")
+@click.option("--server-half", "server_halves", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="The server/ directory of an exported bundle; repeat it to serve several exports side by side "
+                   "(each request goes to the one its bundle's fingerprint names).")
 @broker_options
 @_subscription_options
 @click.option("--device", "torch_device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -164,29 +165,48 @@ def _subscription_options(fn):
               help="The server half's dtype (default: fp32 on the CPU, bf16 on CUDA).")
 @click.option("--max-batch-tokens", type=int, default=None,
               help="A batch of prompts holds at most this many tokens, padding included (memory bound).")
-@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+              help="A request's default answer length (default: the checkpoint's generation config, else 8).")
+@click.option("--max-new-tokens-limit", type=click.IntRange(1), default=None,
+              help="No request gets more, whatever it asks (default 1024).")
+@click.option("--greedy", is_flag=True, help="Refuse requests that ask to sample (temperature > 0).")
+@click.option("--image-cache-mb", type=click.IntRange(0), default=256, show_default=True,
+              help="Memory for image codes kept so that a device's next question about the same image can name "
+                   "it by digest (0: off).")
+@click.option("--image-cache-ttl", type=click.FloatRange(0), default=300.0, show_default=True,
+              help="Seconds an image's codes are kept after their last use.")
+@click.option("--max-memory-gb", type=click.FloatRange(0, min_open=True), default=None,
+              help="Refuse to start when the server halves' weights together exceed this.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Requests waiting together are answered in one batch of at most this many (1: one at a time).")
 @threads_option
 @user_errors
-def serve(server_half, broker_url, login, ca_file, cert_file, key_file, server_id, group, no_shared, torch_device,
-          dtype, max_batch_tokens, max_new_tokens, max_batch, threads):
-    """Answer devices' questions with the server half of a bundle.
+def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, server_id, group, no_shared, torch_device,
+          dtype, max_batch_tokens, max_new_tokens, max_new_tokens_limit, greedy, image_cache_mb, image_cache_ttl,
+          max_memory_gb, max_batch, threads):
+    """Answer devices' questions with the server half of a bundle (or of several).
 
     \b
-    Example:
+    Examples:
       edgeqtl server serve --server-half bundles/pi/server --broker mqtt://broker.lan:1883
+      edgeqtl server serve --server-half bundles/v1/server --server-half bundles/v2/server --max-memory-gb 12
     """
     from edgeqtl.server_agent.agent import ServerAgent, describe, load_engine
+    from edgeqtl.server_agent.image_cache import ImageCache
+    from edgeqtl.server_agent.router import check_memory_bound
 
     sigterm_as_interrupt()
     set_threads(threads)
     cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
-    engine = load_engine(server_half, max_new_tokens=max_new_tokens, device=torch_device, dtype=dtype,
-                         max_batch_tokens=max_batch_tokens)
-    agent = ServerAgent(engine, cfg, group=None if no_shared else group, client_id=server_id or login_id(login),
+    check_memory_bound(list(server_halves), None if max_memory_gb is None else int(max_memory_gb * 2 ** 30))
+    engines = [load_engine(half, max_new_tokens=max_new_tokens, device=torch_device, dtype=dtype,
+                           max_batch_tokens=max_batch_tokens, max_new_tokens_limit=max_new_tokens_limit,
+                           greedy=greedy, image_cache=ImageCache(ttl_s=image_cache_ttl,
+                                                                 max_bytes=image_cache_mb * 2 ** 20))
+               for half in server_halves]
+    agent = ServerAgent(engines, cfg, group=None if no_shared else group, client_id=server_id or login_id(login),
                         max_batch=max_batch).start()
-    click.echo(f"server agent on {cfg.describe()}: {describe(engine)} (Ctrl-C to stop)", err=True)
+    click.echo(f"server agent on {cfg.describe()}: {describe(agent.router)} (Ctrl-C to stop)", err=True)
 
     def stop():
         agent.stop()

@@ -1,0 +1,304 @@
+"""Generation as deployments need it (issue 24): the checkpoint's end ids, per-request
+settings within the server's limits, seeded sampling, streaming, an image by reference,
+several bundles on one agent, `bundle inspect`, and protocol versions."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeqtl import shapes
+from edgeqtl.device_agent.client import DeviceClient
+from edgeqtl.errors import RemoteError
+from edgeqtl.export.bundle import ExportOptions, export_bundle
+from edgeqtl.server_agent.agent import ServerAgent, load_engine
+from edgeqtl.server_agent.sampling import GenerationSettings
+from edgeqtl.transport import BrokerConfig, RequestClient
+from edgeqtl.wire import (FrameKind, InferOptions, ProtocolError, decode_frame, encode_frame, infer_request_frame,
+                          new_request_id)
+
+NEVER = 10 ** 9  # an end id no model produces: generation runs to its length limit
+
+
+def _export(d, cut: int, seed: int = 5, generation_config: dict | None = None, image_first: bool = False):
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitConfig, SplitModel
+
+    save_checkpoint(SplitModel(build_tiny(seed), SplitConfig(cut=cut, levels=4)), d / "model")
+    if generation_config is not None:
+        (d / "model" / "generation_config.json").write_text(json.dumps(generation_config))
+    if image_first:  # the image before the question, as real VLMs' templates have it
+        chat = json.loads((d / "model" / "edgeqtl_chat.json").read_text())
+        chat["chat"]["image_first"] = True
+        (d / "model" / "edgeqtl_chat.json").write_text(json.dumps(chat))
+    export_bundle(ExportOptions(d / "model", d / "bundle", verify=False), progress=None)
+    return d / "bundle"
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["cut0", "cut2"])
+def bundle(request, tmp_path_factory):
+    """The image first: at cut > 0 its codes then do not depend on the question, so a
+    second question can name them by digest (with the image after the question they
+    differ per question, and every question sends its image)."""
+    return _export(tmp_path_factory.mktemp(f"gen-cut{request.param}"), request.param, image_first=True)
+
+
+@pytest.fixture(scope="module")
+def bundle0(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("gen-cut0"), 0)
+
+
+def _engine(bundle, **settings):
+    engine = load_engine(bundle / "server")
+    engine.settings = GenerationSettings(**{"eos_token_ids": (NEVER,), "max_new_tokens": 8, **settings})
+    return engine
+
+
+def _request(client: DeviceClient, options: InferOptions = InferOptions(), request_id: bytes | None = None):
+    s = shapes.heldout(1)[0]
+    wire, mask, past = client.encode(s.image, s.question)
+    frame = infer_request_frame(client.part(wire), options, request_id=request_id or new_request_id(),
+                                fingerprint=client.manifest.fingerprint_bytes, device_id="pi")
+    frame.client_state = (client, mask, past)  # for the decode steps at cut > 0
+    return frame
+
+
+def _answer(engine, frame) -> dict:
+    """The whole answer in process: at cut > 0 the device's decode steps in lockstep."""
+    reply = engine.handle(frame)
+    if reply.kind == FrameKind.NEXT_TOKEN:
+        client, mask, past = frame.client_state
+        while reply.kind == FrameKind.NEXT_TOKEN:
+            nxt = reply.json()
+            wire, mask, past = client.encode_token(int(nxt["token_id"]), mask, past)
+            step = dataclasses.replace(client.frame(FrameKind.DECODE_STEP, wire, frame.request_id, nxt["step"]),
+                                       device_id=frame.device_id)
+            reply = engine.handle(step)
+    assert reply.kind == FrameKind.ANSWER, reply.json()
+    return reply.json()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_a_generation_config_with_two_end_ids_stops_on_either(bundle0, tmp_path):
+    client = DeviceClient(bundle0)
+    free = _answer(_engine(bundle0), _request(client))["token_ids"]
+    assert len(free) == 8
+    # the first token that is not repeated earlier, past the first position: an end id there cuts the answer
+    j = next(k for k in range(1, 8) if free[k] not in free[:k])
+    eos = [free[j], NEVER - 1]
+    other = _export(tmp_path, 0, generation_config={"eos_token_id": eos, "max_new_tokens": 8})
+    engine = load_engine(other / "server")
+    assert set(eos) <= set(engine.settings.eos_token_ids)  # both, with the tokenizer's own end id
+    assert engine.settings.max_new_tokens == 8
+    engine.settings = dataclasses.replace(engine.settings, eos_token_ids=tuple(eos))
+    assert _answer(engine, _request(client))["token_ids"] == free[:j]
+    engine.settings = dataclasses.replace(engine.settings, eos_token_ids=(NEVER - 1, free[0]))
+    assert _answer(engine, _request(client))["token_ids"] == []  # the other id, at the first token
+
+
+def test_a_request_max_new_tokens_is_honoured_and_capped(bundle):
+    engine = _engine(bundle, max_new_tokens=8, max_new_tokens_limit=5)
+    client = DeviceClient(bundle)
+    assert len(_answer(engine, _request(client, InferOptions(max_new_tokens=3)))["token_ids"]) == 3
+    capped = _answer(engine, _request(client, InferOptions(max_new_tokens=50)))
+    assert len(capped["token_ids"]) == 5 and capped["capped"] == 5
+    assert len(_answer(engine, _request(client))["token_ids"]) == 5  # the default (8), within the limit
+
+
+def test_seeded_sampling_repeats_for_a_retried_request_id(bundle0):
+    client = DeviceClient(bundle0)
+    hot = InferOptions(temperature=5.0, max_new_tokens=8)
+    rid = new_request_id()
+    # two agents of one group (no shared cache): a retry that lands on the other gets the same answer
+    first = _answer(_engine(bundle0), _request(client, hot, rid))["token_ids"]
+    assert _answer(_engine(bundle0), _request(client, hot, rid))["token_ids"] == first
+    others = {tuple(_answer(_engine(bundle0), _request(client, hot))["token_ids"]) for _ in range(4)}
+    assert others != {tuple(first)}  # sampling does sample: other ids give other answers
+    seeded = [_answer(_engine(bundle0), _request(client, dataclasses.replace(hot, seed=7)))["token_ids"]
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # an explicit seed repeats across request ids
+
+
+def test_bad_options_are_refused_with_one_line(bundle0):
+    client = DeviceClient(bundle0)
+    engine = _engine(bundle0, allow_sampling=False)
+    reply = engine.handle(_request(client, InferOptions(temperature=0.7)))
+    assert reply.kind == FrameKind.ERROR and reply.json()["code"] == "bad_options"
+    with pytest.raises(ProtocolError, match="top_p"):
+        InferOptions.from_json({"top_p": 1.5})
+    with pytest.raises(ProtocolError, match="unknown"):
+        InferOptions.from_json({"beams": 4})
+
+
+def test_stop_strings_cut_the_answer(bundle0):
+    client = DeviceClient(bundle0)
+    engine = _engine(bundle0)
+    free = _answer(engine, _request(client))
+    word = engine.tok.decode(free["token_ids"][2:3]).strip()
+    assert word
+    stopped = _answer(engine, _request(client, InferOptions(stop=(word,))))
+    assert word not in stopped["text"] and free["text"].startswith(stopped["text"].rstrip())
+    assert len(stopped["token_ids"]) <= 3
+
+
+# --------------------------------------------------------------------------- over the broker
+
+
+def test_streamed_tokens_join_to_the_final_answer(bundle, mosquitto):
+    client = DeviceClient(bundle)
+    engine = _engine(bundle, max_new_tokens=6)
+    cfg = BrokerConfig(port=mosquitto.port)
+    pieces = []
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-stream") as t:
+        s = shapes.heldout(1)[0]
+        a = client.ask(t, s.image, s.question, options=InferOptions(stream=1), on_token=pieces.append)
+    assert len(a.token_ids) == 6
+    assert [t for p in pieces for t in p] == a.token_ids
+    assert len(pieces) >= 2  # some came before the answer: streamed (cut 0) or one per round trip (cut > 0)
+    assert a.first_token_s is not None and a.first_token_s < a.latency_s
+    if client.manifest.cut == 0:
+        assert a.round_trips == 1
+
+
+def test_a_second_question_by_digest_answers_as_a_full_resend_and_a_miss_resends(bundle, mosquitto):
+    client, plain = DeviceClient(bundle), DeviceClient(bundle, reuse_images=False)
+    engine = _engine(bundle, max_new_tokens=4)
+    cfg = BrokerConfig(port=mosquitto.port)
+    s = shapes.heldout(1)[0]
+    questions = ["how many shapes are there ?", "what color is the circle ?", "is there a square ?"]
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-ref") as t:
+        first = client.ask(t, s.image, questions[0])
+        second = client.ask(t, s.image, questions[1])
+        full = plain.ask(t, s.image, questions[1])
+        assert not first.image_by_reference and second.image_by_reference and not full.image_by_reference
+        assert second.text == full.text and second.token_ids == full.token_ids
+        m = client.manifest
+        image_bytes = m.text.image_token_count * m.code_dim * np.log2(m.levels) / 8  # the image's codes, packed
+        assert first.bytes_up - second.bytes_up > 0.5 * image_bytes
+        engine.images._items.clear()  # the server forgot it (expiry, restart): a miss, then the image again
+        third = client.ask(t, s.image, questions[2])
+        assert third.text == plain.ask(t, s.image, questions[2]).text
+        assert not third.image_by_reference and third.round_trips >= 2
+        fourth = client.ask(t, s.image, questions[0])  # held again after the resend
+        assert fourth.image_by_reference and fourth.text == first.text
+    assert engine.images.hits == 2 and engine.images.misses == 1
+
+
+def test_two_bundles_are_served_by_one_agent(bundle0, tmp_path, mosquitto):
+    other = _export(tmp_path / "b", 0, seed=11)
+    stranger = _export(tmp_path / "c", 0, seed=12)
+    clients = [DeviceClient(bundle0), DeviceClient(other)]
+    engines = [_engine(bundle0, max_new_tokens=4), _engine(other, max_new_tokens=4)]
+    alone = [_answer(e, _request(c)) for e, c in zip(engines, clients)]
+    assert alone[0]["token_ids"] != alone[1]["token_ids"]  # two different models
+    cfg = BrokerConfig(port=mosquitto.port)
+    s = shapes.heldout(1)[0]
+    with ServerAgent(engines, cfg), RequestClient(cfg, "pi-two") as t:
+        for c, a in zip(clients, alone):
+            assert c.ask(t, s.image, s.question).token_ids == a["token_ids"]
+        with pytest.raises(RemoteError, match="fingerprint_mismatch") as e:
+            DeviceClient(stranger).ask(t, s.image, s.question)
+    for c in clients:
+        assert c.manifest.fingerprint_bytes.hex() in str(e.value)  # names what it holds
+
+
+def test_bundle_inspect_describes_and_flags_a_truncated_file(bundle0, tmp_path):
+    from edgeqtl.cli import main
+
+    ok = CliRunner().invoke(main, ["bundle", "inspect", str(bundle0), "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["fingerprint"] == DeviceClient(bundle0).manifest.fingerprint
+    assert report["cut"] == 0 and report["levels"] == 4 and report["image_tokens"] > 0
+    assert report["family"] and all(v == "ok" for v in report["files"].values())
+    assert {v["variant"] for v in report["variants"]} >= {"fp32"}
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle0, copy)
+    victim = copy / "client_prefill.onnx"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    bad = CliRunner().invoke(main, ["bundle", "inspect", str(copy)])
+    assert bad.exit_code == 1
+    assert "client_prefill.onnx" in bad.output and "truncated" in bad.output
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _with_version(data: bytes, version: int) -> bytes:
+    body = bytearray(data[:-4])
+    body[4] = version
+    return bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little")
+
+
+def test_frames_go_as_the_lowest_version_that_has_their_features(bundle0):
+    client = DeviceClient(bundle0)
+    assert encode_frame(_request(client))[4] == 1  # a plain request: any version 1 server takes it
+    assert encode_frame(_request(client, InferOptions(max_new_tokens=3)))[4] == 2
+    with pytest.raises(ProtocolError, match="version 1 frame cannot"):
+        decode_frame(_with_version(encode_frame(_request(client, InferOptions(max_new_tokens=3))), 1))
+
+
+def test_a_frame_from_a_newer_version_gets_the_clear_error(bundle0, mosquitto):
+    client = DeviceClient(bundle0)
+    newer = _with_version(encode_frame(_request(client)), 3)
+    with pytest.raises(ProtocolError, match=r"version 3 comes from a newer edgeqtl; this one speaks versions 1 to 2"):
+        decode_frame(newer)
+    cfg = BrokerConfig(port=mosquitto.port)
+    with ServerAgent(_engine(bundle0), cfg), RequestClient(cfg, "pi-new") as t:
+        got = []
+        import threading
+
+        done = threading.Event()
+        from edgeqtl.transport import MqttEndpoint, reply_topic, request_topic
+
+        def on_reply(batch):
+            got.extend(batch)
+            done.set()
+
+        with MqttEndpoint(cfg, "pi-newer", on_reply, [reply_topic("pi-newer")]) as ep:
+            ep.publish(request_topic("pi-newer"), newer, reply_topic("pi-newer"), new_request_id())
+            assert done.wait(10)
+        err = decode_frame(got[0].payload).json()
+        assert err["code"] == "bad_frame" and "versions 1 to 2" in err["message"]
+        assert t.endpoint.connected
+
+
+def test_a_version_1_server_still_answers_and_refuses_options_naming_both(bundle0, mosquitto):
+    import edgeqtl.transport as transport
+
+    real = transport.decode_frame
+
+    def old_decode(data):  # what an edgeqtl that speaks only version 1 says
+        if len(data) > 4 and data[:4] == b"EQTL" and data[4] > 1:
+            raise ProtocolError(f"frame version {data[4]}; this edgeqtl speaks version 1")
+        return real(data)
+
+    client = DeviceClient(bundle0)
+    cfg = BrokerConfig(port=mosquitto.port)
+    s = shapes.heldout(1)[0]
+    expected = DeviceClient(bundle0, reuse_images=False)
+    with ServerAgent(_engine(bundle0, max_new_tokens=4), cfg) as agent, RequestClient(cfg, "pi-old") as t:
+        want = expected.ask(t, s.image, s.question).text
+        agent.endpoint.handler = _patched(agent, transport, old_decode, real)
+        a = client.ask(t, s.image, s.question, options=InferOptions(stream=2))  # v2 (image, stream): falls back
+        assert a.text == want and not client.reuse_images
+        with pytest.raises(RemoteError, match="older edgeqtl.*version 2.*version 1.*max_new_tokens"):
+            client.ask(t, s.image, s.question, options=InferOptions(max_new_tokens=3))
+
+
+def _patched(agent, transport, old_decode, real):
+    def on_requests(batch):
+        transport.decode_frame = old_decode
+        try:
+            return agent._on_requests(batch)
+        finally:
+            transport.decode_frame = real
+    return on_requests
