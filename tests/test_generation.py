@@ -302,3 +302,37 @@ def _patched(agent, transport, old_decode, real):
         finally:
             transport.decode_frame = real
     return on_requests
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+def test_the_image_cache_is_bounded_by_time_entries_and_bytes():
+    from edgeqtl.server_agent.image_cache import ImageCache
+
+    now = [0.0]
+    cache = ImageCache(ttl_s=10, max_bytes=3000, per_device=2, clock=lambda: now[0])
+    codes = {k: np.full((10, 100), k, np.uint8) for k in range(4)}  # 1,000 bytes each
+    assert cache.put("a", "d0", codes[0]) and cache.put("a", "d1", codes[1])
+    assert cache.put("a", "d2", codes[2])  # a third for one device pushes out its oldest
+    assert cache.get("a", "d0") is None and np.array_equal(cache.get("a", "d2"), codes[2])
+    assert cache.put("b", "d3", codes[3]) and cache.nbytes == 3000
+    assert cache.put("b", "d4", codes[0])  # over the bytes: the least recently used goes
+    assert cache.nbytes <= 3000 and cache.get("a", "d1") is None
+    assert cache.get("b", "d3") is not None  # another device's entry is its own
+    assert cache.get("a", "d3") is None
+    now[0] = 9.0
+    assert cache.get("b", "d3") is not None  # used: renewed to 19
+    now[0] = 15.0
+    assert cache.get("b", "d3") is not None and cache.get("a", "d2") is None  # d2 expired at 10
+    assert not cache.put("c", "big", np.zeros((40, 100), np.uint8))  # larger than the whole cache
+
+
+def test_device_run_jobs_carry_generation_options(tmp_path):
+    from edgeqtl.device_agent.runner import JobError, parse_job
+
+    job = parse_job('{"image": "a.png", "prompt": "describe", "max_new_tokens": 64, "temperature": 0.5, '
+                    '"stop": ["\\n\\n"]}', tmp_path, "j1")
+    assert job.options == InferOptions(max_new_tokens=64, temperature=0.5, stop=("\n\n",))
+    with pytest.raises(JobError, match="temperature"):
+        parse_job('{"image": "a.png", "prompt": "x", "temperature": "hot"}', tmp_path, "j2")
