@@ -17,6 +17,10 @@ Rules kept here, not left to paho:
   - MQTT 5 request/response (ResponseTopic + CorrelationData), with the reply address
     also in the frame header so that MQTT 3.1.1 brokers work;
   - QoS 1, and request ids that make a duplicate delivery harmless;
+  - sessions: a session expiry (MQTT 5 clean start off; 3.1.1 clean session off) keeps a
+    peer's subscriptions and queued messages at the broker while it is away; requests
+    carry a message expiry of the device's patience, so a request nobody answered in
+    time is dropped by the broker instead of being answered after a long outage;
   - reconnect with backoff (paho's loop, 1 s doubling to 30 s) and resubscription.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import socket
 import ssl
@@ -41,6 +46,8 @@ log = logging.getLogger("edgeqtl.transport")
 TOPIC_ROOT = "edgeqtl/v1"
 DEFAULT_GROUP = "edgeqtl-servers"
 MQTT_MAX_PACKET = 268_435_455 + 5  # the protocol's own ceiling
+DEVICE_SESSION_EXPIRY = 300  # seconds a device's session outlives a disconnect (MQTT 5)
+REPLY_EXPIRY = 300  # seconds a reply waits at the broker for a device that is away
 
 
 def request_topic(device_id: str) -> str:
@@ -93,11 +100,14 @@ class BrokerConfig:
     # The largest message to send (bytes); larger frames go as chunks. None: the broker's
     # CONNACK Maximum Packet Size (MQTT 5) alone. AWS IoT Core: 131072.
     max_message_size: int | None = None
+    # Seconds the broker keeps this client's session (subscriptions, queued QoS 1
+    # messages) after it disconnects; None: a clean session, dropped at once.
+    session_expiry: int | None = None
 
     @classmethod
     def from_url(cls, url: str, **overrides) -> "BrokerConfig":
-        """mqtt://[user:pass@]host[:port][?protocol=3.1.1][&max_message_size=BYTES]  or  mqtts://... (TLS,
-        default port 8883)."""
+        """mqtt://[user:pass@]host[:port][?protocol=3.1.1][&max_message_size=BYTES][&session_expiry=SECONDS]
+        or mqtts://... (TLS, default port 8883)."""
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise TransportError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
@@ -111,10 +121,14 @@ class BrokerConfig:
         limit = q.get("max_message_size", [None])[0]
         if limit is not None and not limit.isdigit():
             raise TransportError(f"max_message_size must be a number of bytes, got {limit!r}")
+        expiry = q.get("session_expiry", [None])[0]
+        if expiry is not None and not expiry.isdigit():
+            raise TransportError(f"session_expiry must be a number of seconds, got {expiry!r}")
         cfg = cls(host=u.hostname, port=u.port or (8883 if tls else 1883), tls=tls,
                   username=urllib.parse.unquote(u.username) if u.username else None,
                   password=urllib.parse.unquote(u.password) if u.password else None,
-                  protocol=5 if proto == "5" else 311, max_message_size=int(limit) if limit else None)
+                  protocol=5 if proto == "5" else 311, max_message_size=int(limit) if limit else None,
+                  session_expiry=int(expiry) if expiry is not None else None)
         return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def describe(self) -> str:
@@ -154,8 +168,9 @@ class MqttEndpoint:
         self.reassembler = Reassembler()  # chunked frames put back together, on the worker thread
         proto = mqtt.MQTTv5 if cfg.protocol == 5 else mqtt.MQTTv311
         self._mqtt = mqtt
+        persistent = bool(cfg.session_expiry)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto,
-                                  **({} if cfg.protocol == 5 else {"clean_session": True}))
+                                  **({} if cfg.protocol == 5 else {"clean_session": not persistent}))
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
@@ -178,7 +193,7 @@ class MqttEndpoint:
         self._worker.start()
         self.client.socket_timeout = min(timeout, 10.0)
         try:
-            self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+            self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, **self._session_args())
         except ssl.SSLCertVerificationError as e:
             self._worker_stop()
             raise BrokerUnavailable(f"the TLS certificate of broker {self.cfg.describe()} could not be verified "
@@ -200,6 +215,21 @@ class MqttEndpoint:
                 raise BrokerUnavailable(f"broker {self.cfg.describe()} accepted the connection but did not answer "
                                         f"within {timeout:g} s; is it an MQTT broker?")
         return self
+
+    def _session_args(self) -> dict:
+        """MQTT 5: clean start off and a Session Expiry Interval when the session is kept
+        (paho sends the same on each reconnect). 3.1.1 has no interval: the broker keeps
+        an unclean session until its own limit (mosquitto: persistent_client_expiration)."""
+        if self.cfg.protocol != 5:
+            return {}
+        if not self.cfg.session_expiry:
+            return {"clean_start": True}
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(self.cfg.session_expiry)
+        return {"clean_start": False, "properties": props}
 
     def _worker_stop(self) -> None:
         self._inbox.put(None)
@@ -318,13 +348,14 @@ class MqttEndpoint:
         return min(limit, self.cfg.max_message_size) if self.cfg.max_message_size else limit
 
     def publish(self, topic: str, payload: bytes, response_topic: str | None = None,
-                correlation: bytes | None = None, qos: int = 1):
+                correlation: bytes | None = None, qos: int = 1, expiry: int | None = None):
         """Publish an encoded frame; one too large for the limit goes as chunks
-        (edgeqtl.chunking), each a message of its own on the same topic."""
+        (edgeqtl.chunking), each a message of its own on the same topic. expiry: seconds
+        after which the broker drops the message undelivered (MQTT 5)."""
         limit = self.message_limit
-        size = self.packet_size(topic, payload, response_topic, correlation)
+        size = self.packet_size(topic, payload, response_topic, correlation) + (5 if expiry else 0)
         if size <= limit:
-            return self._publish_one(topic, payload, response_topic, correlation, qos)
+            return self._publish_one(topic, payload, response_topic, correlation, qos, expiry)
         room = limit - (size - len(payload))
         try:
             request_id, step = frame_ids(payload)
@@ -333,13 +364,13 @@ class MqttEndpoint:
             raise PayloadTooLarge(f"message of {size} bytes exceeds the limit of {limit} bytes and cannot be "
                                   f"chunked ({e}); raise the broker's max_packet_size") from None
         for c in chunks:
-            info = self._publish_one(topic, c, response_topic, correlation, qos)
+            info = self._publish_one(topic, c, response_topic, correlation, qos, expiry)
         return info
 
     def _publish_one(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None,
-                     qos: int):
+                     qos: int, expiry: int | None = None):
         properties = None
-        if self.cfg.protocol == 5 and (response_topic or correlation):
+        if self.cfg.protocol == 5 and (response_topic or correlation or expiry):
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
 
@@ -348,6 +379,8 @@ class MqttEndpoint:
                 properties.ResponseTopic = response_topic
             if correlation:
                 properties.CorrelationData = correlation
+            if expiry:
+                properties.MessageExpiryInterval = int(expiry)
         info = self.client.publish(topic, payload, qos=qos, properties=properties)
         if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
             raise BrokerUnavailable(f"not connected to {self.cfg.describe()}; the message was not queued")
@@ -381,6 +414,11 @@ class RequestClient(_OwnsEndpoint):
     and step. Retries reuse both, so the server answers a retry from its cache."""
 
     def __init__(self, cfg: BrokerConfig, device_id: str):
+        """Over MQTT 5 the device's session is kept DEVICE_SESSION_EXPIRY seconds unless the
+        config says otherwise (`?session_expiry=0` in the URL: a clean session), so that a
+        reply that comes while it is reconnecting waits at the broker instead of being lost."""
+        if cfg.protocol == 5 and cfg.session_expiry is None:
+            cfg = dataclasses.replace(cfg, session_expiry=DEVICE_SESSION_EXPIRY)
         self.device_id = device_id
         self.reply_topic = reply_topic(device_id)
         # keyed by (request id, step): the decode steps of one generation share an id
@@ -441,7 +479,9 @@ class RequestClient(_OwnsEndpoint):
                 if not self.endpoint.wait_connected(timeout):
                     continue
                 self.resends += sent > 0
-                self.endpoint.publish(topic, data, self.reply_topic, frame.request_id)
+                # the broker drops it once the device has stopped waiting (after a long outage)
+                self.endpoint.publish(topic, data, self.reply_topic, frame.request_id,
+                                      expiry=math.ceil(timeout * (retries + 1 - attempt)))
                 sent += 1
                 if self._wait(event, progress, timeout):
                     return box[0]
@@ -558,7 +598,7 @@ class Responder(_OwnsEndpoint):
 
     def _publish(self, m: Message, frame: Frame | None, data: bytes) -> None:
         try:
-            self.endpoint.publish(self._reply_address(m, frame), data, correlation=m.correlation)
+            self.endpoint.publish(self._reply_address(m, frame), data, correlation=m.correlation, expiry=REPLY_EXPIRY)
         except TransportError as e:  # the device retries; the reply waits in the cache
             log.warning("could not send a reply to %s: %s", self._reply_address(m, frame), e)
 

@@ -145,6 +145,11 @@ def server():
 
 
 def _subscription_options(fn):
+    fn = click.option("--session-expiry", type=click.IntRange(0), default=None,
+                      help="Seconds the broker keeps this agent's session while it is away, with the requests that "
+                           "arrive meanwhile (needs a fixed --server-id). Default: a clean session. Caution: mosquitto "
+                           "2.0 also hands an absent member of a shared group its share of new requests, which then "
+                           "wait for it or for the device's retry (docs/PROTOCOL.md, Sessions).")(fn)
     fn = click.option("--server-id", default=None,
                       help="This agent's MQTT client id and topic (default: the --login file's id, else random). "
                            "Under the secure broker's ACLs it must be the id the server was provisioned for.")(fn)
@@ -152,6 +157,17 @@ def _subscription_options(fn):
                       help="Shared-subscription group: agents in one group split the requests.")(fn)
     fn = click.option("--no-shared", is_flag=True, help="Plain subscription, for brokers without $share (amqtt).")(fn)
     return fn
+
+
+def _with_session(cfg, session_expiry, server_id):
+    import dataclasses
+
+    if session_expiry is None:
+        return cfg
+    if session_expiry and not server_id:
+        raise UserError("--session-expiry keeps a session under this agent's id: give it a fixed --server-id "
+                        "(a random one would leave a session nobody comes back to)")
+    return dataclasses.replace(cfg, session_expiry=session_expiry)
 
 
 @server.command()
@@ -181,7 +197,8 @@ def _subscription_options(fn):
               help="Requests waiting together are answered in one batch of at most this many (1: one at a time).")
 @threads_option
 @user_errors
-def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, server_id, group, no_shared, torch_device,
+def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, session_expiry, server_id, group, no_shared,
+          torch_device,
           dtype, max_batch_tokens, max_new_tokens, max_new_tokens_limit, greedy, image_cache_mb, image_cache_ttl,
           max_memory_gb, max_batch, threads):
     """Answer devices' questions with the server half of a bundle (or of several).
@@ -198,6 +215,7 @@ def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, server
     sigterm_as_interrupt()
     set_threads(threads)
     cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
+    cfg = _with_session(cfg, session_expiry, server_id or login_id(login))
     check_memory_bound(list(server_halves), None if max_memory_gb is None else int(max_memory_gb * 2 ** 30))
     engines = [load_engine(half, max_new_tokens=max_new_tokens, device=torch_device, dtype=dtype,
                            max_batch_tokens=max_batch_tokens, max_new_tokens_limit=max_new_tokens_limit,
@@ -226,7 +244,8 @@ def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, server
               help="How gradients go back (int4: unbiased stochastic rounding).")
 @split_train_options
 @user_errors
-def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, server_id, group, no_shared, num_devices,
+def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, session_expiry, server_id, group, no_shared,
+                 num_devices,
                  grad_codec, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
     """Split training, the server's side: trains the trunk of --model on the codes that
     devices running `edgeqtl device train` send, and sends compressed gradients back.
@@ -244,6 +263,7 @@ def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, ser
     sigterm_as_interrupt()
     set_threads(threads)
     cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
+    cfg = _with_session(cfg, session_expiry, server_id or login_id(login))
     model = load_split_model(model_dir)
     tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                             fedavg_every=fedavg_every, grad_codec=grad_codec)
