@@ -32,6 +32,18 @@ from edgeqtl.wire import InferOptions, ProtocolError
 from .client import DeviceClient
 
 log = logging.getLogger("edgeqtl.device")
+# One JSON object per job, for a log shipper (`device run` prints these on stderr as they are).
+job_log = logging.getLogger("edgeqtl.device.jobs")
+
+
+def log_job(result: dict, seconds: float) -> None:
+    if not job_log.isEnabledFor(logging.INFO):
+        return
+    line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "event": "job", "id": result.get("id"),
+            "ok": "error" not in result, "seconds": round(seconds, 3)}
+    line.update({k: result[k] for k in ("tokens", "latency_ms", "bytes_up", "round_trips", "image_by_reference",
+                                        "error") if k in result})
+    job_log.info(json.dumps(line))
 
 
 class JobError(EdgeqtlError, ValueError):
@@ -94,6 +106,12 @@ class DeviceRunner:
         self.give_up_s = give_up_s
 
     def answer(self, job: Job) -> dict:
+        t0 = time.monotonic()
+        result = self._answer(job)
+        log_job(result, time.monotonic() - t0)
+        return result
+
+    def _answer(self, job: Job) -> dict:
         delay, t0 = 0.5, time.monotonic()
         while True:
             try:
@@ -126,6 +144,7 @@ class DeviceRunner:
                 job = parse_job(line, base_dir, f"{name}-{i + 1}")
             except JobError as e:
                 result = {"id": f"{name}-{i + 1}", "error": f"line {i + 1}: {e}"}
+                log_job(result, 0.0)
             else:
                 if job.id in skip:
                     continue

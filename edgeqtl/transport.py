@@ -33,6 +33,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import uuid
 from typing import Callable
@@ -177,6 +178,7 @@ class MqttEndpoint:
             self.client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.enable_logger(logging.getLogger("edgeqtl.transport.paho"))  # packets, at DEBUG
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -188,8 +190,6 @@ class MqttEndpoint:
         """Connect, or say why not in one line. The first connection is made here, so that
         a refused TLS certificate or an unreachable host is named; after it, paho's loop
         reconnects by itself."""
-        import time
-
         self._worker.start()
         self.client.socket_timeout = min(timeout, 10.0)
         try:
@@ -272,6 +272,9 @@ class MqttEndpoint:
             else:
                 log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
+        if not self._connected_once:
+            log.info("%s: connected to %s%s", self.client_id, self.cfg.describe(),
+                     f" as {self.cfg.username}" if self.cfg.username else "")  # never the password
         self._connected_once = True
         limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if limit:
@@ -533,6 +536,7 @@ class Responder(_OwnsEndpoint):
         self.batches = 0
         self._lock = threading.Lock()
         self._handling: dict[tuple, list[Message]] = {}  # the batch being answered: where its partial replies go
+        self.metrics = None  # an edgeqtl.metrics.AgentMetrics, when the agent exports metrics
         self.endpoint = MqttEndpoint(cfg, self.server_id, self._on_requests,
                                      [shared_request_subscription(group) if group else f"{TOPIC_ROOT}/req/+",
                                       server_request_topic(self.server_id, "+")], max_batch=max_batch)
@@ -553,12 +557,16 @@ class Responder(_OwnsEndpoint):
                 # The sender cannot be trusted to be anyone, but a corrupt frame still gets an answer.
                 rid = m.correlation if m.correlation and len(m.correlation) == 16 else bytes(16)
                 self._publish(m, None, encode_frame(error_frame(CodedError("bad_frame", str(e)), rid)))
+                if self.metrics is not None:
+                    self.metrics.observe_bad_frame(len(m.payload))
                 continue
             key = (frame.device_id, frame.request_id, frame.kind, frame.step)
             with self._lock:
                 cached = self.cache.get(key)
             if cached is not None or key in todo:
                 self.duplicates += 1
+                if self.metrics is not None:
+                    self.metrics.observe_duplicate()
                 if cached is not None:
                     self._publish(m, frame, cached)
                 else:
@@ -569,6 +577,7 @@ class Responder(_OwnsEndpoint):
             return
         frames = [f for f, _ in todo.values()]
         self._handling = {key: msgs for key, (_, msgs) in todo.items()}
+        t0 = time.perf_counter()
         try:
             replies = self.handle_batch(frames)
         except Exception as e:  # keep serving other devices
@@ -578,8 +587,10 @@ class Responder(_OwnsEndpoint):
         finally:
             self._handling = {}
         self.batches += 1
+        sent = []
         for (key, (frame, msgs)), reply in zip(todo.items(), replies):
             data = encode_frame(reply)
+            sent.append(data)
             with self._lock:
                 self.cache[key] = data
                 while len(self.cache) > self.cache_size:
@@ -587,6 +598,9 @@ class Responder(_OwnsEndpoint):
                 self.served += 1
             for m in msgs:
                 self._publish(m, frame, data)
+        if self.metrics is not None:
+            self.metrics.observe_batch(frames, replies, sent, time.perf_counter() - t0,
+                                       [len(msgs[0].payload) for _, msgs in todo.values()])
 
     def emit(self, request: Frame, partial: Frame) -> None:
         """Publish a partial reply (streamed tokens) to whoever asked `request`, while the

@@ -336,3 +336,27 @@ def test_device_run_jobs_carry_generation_options(tmp_path):
     assert job.options == InferOptions(max_new_tokens=64, temperature=0.5, stop=("\n\n",))
     with pytest.raises(JobError, match="temperature"):
         parse_job('{"image": "a.png", "prompt": "x", "temperature": "hot"}', tmp_path, "j2")
+
+
+def test_device_runner_logs_one_json_line_per_job(tmp_path, caplog):
+    import io
+    import logging
+
+    from edgeqtl.device_agent.client import Answer
+    from edgeqtl.device_agent.runner import DeviceRunner
+    from edgeqtl.errors import EdgeqtlError
+
+    class Stub:  # the device client's interface, without a model
+        def ask(self, transport, image, prompt, timeout, options):
+            if "bad" in prompt:
+                raise EdgeqtlError("no such image")
+            return Answer("3", 1, 0.02, 300, 3000, 1)
+
+    caplog.set_level(logging.INFO, logger="edgeqtl.device.jobs")
+    out = io.StringIO()
+    lines = ['{"id": "a", "image": "x.png", "prompt": "how many ?"}', '{"id": "b", "image": "x.png", "prompt": "bad"}',
+             "not json"]
+    DeviceRunner(Stub(), transport=None).run_lines(lines, out, tmp_path)
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "edgeqtl.device.jobs"]
+    assert [(x["id"], x["ok"]) for x in logged] == [("a", True), ("b", False), ("job-3", False)]
+    assert logged[0]["bytes_up"] == 300 and logged[0]["event"] == "job" and "error" in logged[1]

@@ -446,6 +446,21 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_no_password_reaches_edgeqtls_own_log_lines_or_reprs(fleet, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    login = fleet.logins["dev-a"]
+    with pytest.raises(BrokerUnavailable) as e:
+        MqttEndpoint(fleet.config("dev-a", password="not-it-42"), "wrong-password-log").start(timeout=REFUSED)
+    cfg = fleet.config("dev-a")
+    with RequestClient(cfg, "dev-a") as dev:
+        pass
+    text = caplog.text + str(e.value) + repr(cfg) + cfg.describe()
+    assert "connected to" in caplog.text and "CONNECT" in caplog.text  # ours and paho's packet log, at DEBUG
+    assert login.password not in text and "not-it-42" not in text
+
+
 def test_no_password_reaches_the_broker_log(fleet):
     """Last in the file: the log then holds every login, refusal and reload above."""
     log = fleet.root / "mosquitto.log"

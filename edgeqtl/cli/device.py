@@ -125,8 +125,11 @@ def run(bundle, broker_url, login, ca_file, cert_file, key_file, jobs, watch, ou
         give_up):
     """Run the device agent unattended: jobs in, answers out, as JSON lines.
 
-    A job is {"id": ..., "image": PATH, "prompt": TEXT}; each gets one answer line
+    A job is {"id": ..., "image": PATH, "prompt": TEXT} (and optionally "max_new_tokens",
+    "temperature", "top_p", "seed", "stop"); each gets one answer line
     {"id": ..., "answer": ..., "latency_ms": ..., "bytes_up": ...} or {"id": ..., "error": ...}.
+    Standard error gets one JSON line per job too ({"event": "job", "ok": ..., ...}), for a
+    log shipper.
     Broker restarts are ridden out: jobs wait and retry, nothing is lost.
 
     \b
@@ -140,6 +143,12 @@ def run(bundle, broker_url, login, ca_file, cert_file, key_file, jobs, watch, ou
     from edgeqtl.device_agent.runner import DeviceRunner, connect
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    jobs_log = logging.getLogger("edgeqtl.device.jobs")  # one JSON line per job on stderr, for a log shipper
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    jobs_log.addHandler(handler)
+    jobs_log.setLevel(logging.INFO)
+    jobs_log.propagate = False
     client = DeviceClient(bundle, variant)
     dev_id = default_device_id(device_id or login_id(login))
     transport = connect(broker_config(broker_url, ca_file, cert_file, key_file, login), dev_id)

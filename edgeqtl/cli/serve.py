@@ -144,7 +144,25 @@ def server():
     """The server agent: answer devices' questions (serve) or split-train with them (train)."""
 
 
+def _start_metrics(agent, port, sessions, steps=None):
+    """--metrics-port: Prometheus metrics and health on that port (edgeqtl/metrics.py)."""
+    if port is None:
+        return None
+    from edgeqtl.metrics import AgentMetrics, MetricsServer
+
+    agent.metrics = AgentMetrics(agent.server_id)
+    agent.metrics.sessions_fn, agent.metrics.steps_fn = sessions, steps
+    try:
+        server = MetricsServer(agent.metrics, ready=lambda: agent.endpoint.connected, port=port).start()
+    except OSError as e:
+        raise UserError(f"cannot serve metrics on port {port}: {e}") from None
+    click.echo(f"metrics on http://0.0.0.0:{server.port}/metrics (health: /healthz, /readyz)", err=True)
+    return server
+
+
 def _subscription_options(fn):
+    fn = click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                      help="Serve Prometheus metrics (/metrics) and health (/healthz, /readyz) on this port.")(fn)
     fn = click.option("--session-expiry", type=click.IntRange(0), default=None,
                       help="Seconds the broker keeps this agent's session while it is away, with the requests that "
                            "arrive meanwhile (needs a fixed --server-id). Default: a clean session. Caution: mosquitto "
@@ -197,7 +215,7 @@ def _with_session(cfg, session_expiry, server_id):
               help="Requests waiting together are answered in one batch of at most this many (1: one at a time).")
 @threads_option
 @user_errors
-def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, session_expiry, server_id, group, no_shared,
+def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, metrics_port, session_expiry, server_id, group, no_shared,
           torch_device,
           dtype, max_batch_tokens, max_new_tokens, max_new_tokens_limit, greedy, image_cache_mb, image_cache_ttl,
           max_memory_gb, max_batch, threads):
@@ -225,8 +243,11 @@ def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, sessio
     agent = ServerAgent(engines, cfg, group=None if no_shared else group, client_id=server_id or login_id(login),
                         max_batch=max_batch).start()
     click.echo(f"server agent on {cfg.describe()}: {describe(agent.router)} (Ctrl-C to stop)", err=True)
+    metrics = _start_metrics(agent, metrics_port, lambda: len(agent.router.sessions))
 
     def stop():
+        if metrics is not None:
+            metrics.stop()
         agent.stop()
         click.echo(f"stopped: {json.dumps(agent.stats())}", err=True)
 
@@ -244,7 +265,7 @@ def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, sessio
               help="How gradients go back (int4: unbiased stochastic rounding).")
 @split_train_options
 @user_errors
-def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, session_expiry, server_id, group, no_shared,
+def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, metrics_port, session_expiry, server_id, group, no_shared,
                  num_devices,
                  grad_codec, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
     """Split training, the server's side: trains the trunk of --model on the codes that
@@ -272,8 +293,11 @@ def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, ses
                       client_id=server_id or login_id(login)).start()
     click.echo(f"training server on {cfg.describe()}: {num_devices} device(s), {grad_codec} gradients, "
                f"resuming at {service.server_steps} steps (Ctrl-C to stop)", err=True)
+    metrics = _start_metrics(agent, metrics_port, lambda: len(service.ledgers), lambda: service.server_steps)
 
     def stop():
+        if metrics is not None:
+            metrics.stop()
         agent.stop()
         if state_dir is not None:
             service.save()
