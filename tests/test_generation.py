@@ -51,7 +51,7 @@ def bundle(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle0(tmp_path_factory):
-    return _export(tmp_path_factory.mktemp("gen-cut0"), 0)
+    return _export(tmp_path_factory.mktemp("gen0-cut0"), 0)
 
 
 def _engine(bundle, **settings):
@@ -194,7 +194,8 @@ def test_a_second_question_by_digest_answers_as_a_full_resend_and_a_miss_resends
 
 def test_two_bundles_are_served_by_one_agent(bundle0, tmp_path, mosquitto):
     other = _export(tmp_path / "b", 0, seed=11)
-    stranger = _export(tmp_path / "c", 0, seed=12)
+    stranger = DeviceClient(bundle0)
+    stranger.manifest.fingerprint = "ab" * 32  # a bundle of a third export, as far as the server can tell
     clients = [DeviceClient(bundle0), DeviceClient(other)]
     engines = [_engine(bundle0, max_new_tokens=4), _engine(other, max_new_tokens=4)]
     alone = [_answer(e, _request(c)) for e, c in zip(engines, clients)]
@@ -205,7 +206,7 @@ def test_two_bundles_are_served_by_one_agent(bundle0, tmp_path, mosquitto):
         for c, a in zip(clients, alone):
             assert c.ask(t, s.image, s.question).token_ids == a["token_ids"]
         with pytest.raises(RemoteError, match="fingerprint_mismatch") as e:
-            DeviceClient(stranger).ask(t, s.image, s.question)
+            stranger.ask(t, s.image, s.question)
     for c in clients:
         assert c.manifest.fingerprint_bytes.hex() in str(e.value)  # names what it holds
 
