@@ -69,6 +69,18 @@ def shared_request_subscription(group: str = DEFAULT_GROUP) -> str:
     return f"$share/{group}/{TOPIC_ROOT}/req/+"
 
 
+class _DebugOnly(logging.Filter):
+    """paho's packet log is worth having at DEBUG; its errors ("Client is not connected")
+    repeat what edgeqtl raises or logs itself, once per message, during every outage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno <= logging.DEBUG
+
+
+_PAHO_LOG = logging.getLogger("edgeqtl.transport.paho")
+_PAHO_LOG.addFilter(_DebugOnly())
+
+
 class TransportError(EdgeqtlError, RuntimeError):
     """A transport failure the user can act on; the message says what and how."""
 
@@ -178,7 +190,7 @@ class MqttEndpoint:
             self.client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.enable_logger(logging.getLogger("edgeqtl.transport.paho"))  # packets, at DEBUG
+        self.client.enable_logger(_PAHO_LOG)  # its packet log, at DEBUG
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
