@@ -572,6 +572,14 @@ class Responder(_OwnsEndpoint):
                 if self.metrics is not None:
                     self.metrics.observe_bad_frame(len(m.payload))
                 continue
+            sender = m.topic.rsplit("/", 1)[-1]  # the broker's ACLs tie this to the login (docs/SECURITY.md)
+            if frame.device_id != sender:
+                self._publish(m, frame, encode_frame(error_frame(CodedError(
+                    "device_mismatch", f"the frame says device {frame.device_id!r} but came on {sender!r}'s topic; "
+                                       "a device sends only as itself"), **frame.reply_fields())))
+                if self.metrics is not None:
+                    self.metrics.observe_bad_frame(len(m.payload))
+                continue
             key = (frame.device_id, frame.request_id, frame.kind, frame.step)
             with self._lock:
                 cached = self.cache.get(key)

@@ -77,6 +77,26 @@ def test_duplicate_request_is_answered_from_cache(mosquitto):
     assert replies[0] == replies[1]
 
 
+def test_a_frame_that_claims_another_device_is_refused(mosquitto):
+    """The broker's ACLs tie a request topic to its login; the server ties the frame's
+    device id to the topic, so a device cannot pass as another inside the frame."""
+    cfg = BrokerConfig(port=mosquitto.port)
+    calls, replies, got = [], [], threading.Event()
+
+    def on_reply(batch: list[Message]):
+        replies.extend(decode_frame(m.payload) for m in batch)
+        got.set()
+
+    _, req = _request()
+    req.device_id, req.reply_topic = "dev-b", reply_topic("dev-a")
+    with Responder(cfg, lambda frames: calls.extend(frames) or echo(frames)), \
+            MqttEndpoint(cfg, "raw-a", on_reply, [reply_topic("dev-a")]) as raw:
+        raw.publish(request_topic("dev-a"), encode_frame(req))
+        assert got.wait(5)
+    assert calls == [] and replies[0].kind == FrameKind.ERROR
+    assert replies[0].json()["code"] == "device_mismatch" and "dev-b" in replies[0].json()["message"]
+
+
 def test_oversize_payload_that_is_not_a_frame_is_refused_before_sending():
     with MosquittoBroker(max_packet_size=4096) as broker:
         cfg = BrokerConfig(port=broker.port)
