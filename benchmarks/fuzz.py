@@ -39,7 +39,7 @@ def main() -> None:
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitConfig, SplitModel
     from edgeqtl.transport import BrokerConfig, RequestClient
-    from edgeqtl.wire import InferOptions, infer_request_frame, new_request_id
+    from edgeqtl.wire import InferOptions
 
     work = Path(tempfile.mkdtemp(prefix="edgeqtl-fuzz-"))
     save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=4)), work / "model")
@@ -48,10 +48,8 @@ def main() -> None:
     samples = shapes.heldout(2)[:6]
     valid = []
     for s in samples:
-        wire, _, _ = client.encode(s.image, s.question)
         for opts in (InferOptions(), InferOptions(max_new_tokens=2, temperature=0.5)):
-            valid.append(infer_request_frame(client.part(wire), opts, request_id=new_request_id(),
-                                             fingerprint=client.manifest.fingerprint_bytes))
+            valid.append(client.request_frame(s.image, s.question, opts))
 
     def ask(transport, k):
         return client.ask(transport, samples[k].image, samples[k].question, timeout=20).text

@@ -62,11 +62,11 @@ from edgeqtl.memory import peak_rss_mb
 c = DeviceClient(sys.argv[1], variant="int8", threads=int(sys.argv[2]))
 rows = []
 for s in shapes.heldout(2)[:4]:
-    wire, mask, _ = c.encode(s.image, s.question)
-    tokens, dim = wire.shape[1], wire.shape[2]
-    coded = encode_frame(c.frame(FrameKind.INFER_REQUEST, wire, b"r" * 16, 0))
+    ids, _ = c.prompts.encode([s.question])
+    tokens, dim = ids.shape[1], c.manifest.hidden_size  # 16 bits: every position as a hidden state
+    coded = encode_frame(c.request_frame(s.image, s.question, request_id=b"r" * 16))
     c.entropy, ent = None, c.entropy
-    plain = encode_frame(c.frame(FrameKind.INFER_REQUEST, wire, b"r" * 16, 0))
+    plain = encode_frame(c.request_frame(s.image, s.question, request_id=b"r" * 16))
     c.entropy = ent
     def chunked(raw):  # as sent to a broker that takes at most 128 KiB a message (AWS IoT Core)
         return split_frame(raw, b"r" * 16, 0, 131072) if len(raw) > 131072 else [raw]
@@ -78,7 +78,7 @@ print(json.dumps({"rows": rows, "peak_rss_mb": peak_rss_mb(), "entropy_model": c
 """
 
 SERVER = r"""
-import json, os, sys, time
+import dataclasses, json, os, sys, time
 import numpy as np
 import torch
 from edgeqtl import shapes
@@ -91,9 +91,9 @@ batches = [int(b) for b in sys.argv[4].split(",")]
 torch.set_num_threads(threads)
 c = DeviceClient(bundle, variant="int8", threads=threads)
 s = shapes.heldout(1)[0]
-wire, mask, _ = c.encode(s.image, s.question)
+prompt = c.request_frame(s.image, s.question)
 def frames(n):
-    return [decode_frame(encode_frame(c.frame(FrameKind.INFER_REQUEST, wire, os.urandom(16), 0))) for _ in range(n)]
+    return [decode_frame(encode_frame(dataclasses.replace(prompt, request_id=os.urandom(16)))) for _ in range(n)]
 out = {}
 first = load_engine(os.path.join(bundle, "server"), max_new_tokens=1)
 first.handle_batch(frames(1))  # warm up
@@ -106,7 +106,7 @@ for b in batches:
     kinds = {r.kind.name for r in replies}
     out[f"batch{b}"] = {"seconds": dt, "answers_per_s": b / dt, "kinds": sorted(kinds)}
 out["peak_rss_mb"] = peak_rss_mb()
-out["tokens"] = int(wire.shape[1])
+out["tokens"] = int(c.prompts.encode([s.question])[0].shape[1])
 print(json.dumps(out))
 """
 
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed client runs per runtime (after 5 warm-up runs)")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--server-only", action="store_true", help="with --reuse-bundle: the server figures alone")
+    ap.add_argument("--reuse-bundle", action="store_true",
+                    help="measure the bundle an earlier run exported (its export figures are not measured again)")
     ap.add_argument("--calibration-data", type=Path, default=None,
                     help="images for the entropy model (default: export's own fallback)")
     args = ap.parse_args(argv)
@@ -137,7 +140,9 @@ def main(argv=None) -> int:
                   "--out", str(bundle)]
     if args.calibration_data:
         export_cmd += ["--calibration-data", str(args.calibration_data)]
-    wall, export_peak = run_timed(export_cmd, work / "export.log")
+    reuse = args.reuse_bundle and (bundle / "manifest.json").is_file()
+    if not reuse:
+        wall, export_peak = run_timed(export_cmd, work / "export.log")
 
     from edgeqtl.bundle import BundleManifest
 
@@ -147,19 +152,31 @@ def main(argv=None) -> int:
     print(f"\n{args.model} x{args.scale:g}: checkpoint {ckpt_bytes / 2**30:.2f} GiB of safetensors, "
           f"{m.text.image_token_count} image tokens, cut {m.cut}, "
           f"{m.levels} levels")
-    print(f"export: {wall:.0f} s wall, peak RSS {export_peak / 1024:.2f} GB = "
-          f"{export_peak * MB / fp32_client:.2f}x the client half's fp32 size ({fp32_client / 2**30:.2f} GiB)"
-          f"  [goals: <= 600 s, <= 3x]")
+    if reuse:
+        print(f"export: reused {bundle} (its figures are in {work / 'export.log'}'s run)")
+    else:
+        print(f"export: {wall:.0f} s wall, peak RSS {export_peak / 1024:.2f} GB = "
+              f"{export_peak * MB / fp32_client:.2f}x the client half's fp32 size ({fp32_client / 2**30:.2f} GiB)"
+              f"  [goals: <= 600 s, <= 3x]")
     print("bundle files:")
     for f in sorted(m.files, key=lambda f: f.name):
         print(f"  {f.size / MB:10.1f} MiB  {f.name}")
 
+    if reuse and args.server_only:
+        return _server(bundle, args)
+    import numpy as np
+
+    from edgeqtl import shapes
+    from edgeqtl.bench.client import WORKER_TIMEOUT_S, run_worker
+
+    sample = shapes.heldout(1)[0]  # batch 1, as on a device
+    np.save(work / "images.npy", sample.image[None])
     lat = {}
-    for kind in ("torch", "fp32", "int8"):
-        out = subprocess.run([sys.executable, str(HERE / "client_latency.py"), "--worker", kind, "--bundle",
-                              str(bundle), "--model", str(ckpt), "--threads", str(args.threads), "--runs",
-                              str(args.runs)], check=True, capture_output=True, text=True)
-        lat[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("torch", "fp32", "int8"):  # each runtime in its own process (edgeqtl bench client's worker)
+        job = {"kind": kind, "bundle": str(bundle), "model": str(ckpt), "threads": args.threads, "runs": args.runs,
+               "images": str(work / "images.npy"), "questions": [sample.question],
+               "codes_out": str(work / f"codes-{kind}.npy")}
+        lat[kind] = run_worker(job, work / f"job-{kind}.json", WORKER_TIMEOUT_S[False])
     base = lat["torch"]["median_ms"]
     print(f"\nclient half, batch 1, {args.threads} threads, {args.runs} timed runs  "
           f"[goal: int8 >= 2x PyTorch, peak RSS <= 1.5 GB]")
@@ -181,6 +198,10 @@ def main(argv=None) -> int:
                        ("chunked", f"  as {mean['chunks']:.0f} message(s) <= 128 KiB")):
         print(f"  {label:<26}{mean[key]:>10.0f} B  {100 * (1 - mean[key] / mean['fp16']):6.2f}% less")
 
+    return _server(bundle, args)
+
+
+def _server(bundle, args) -> int:
     srv = measure_in_child(SERVER, str(bundle), str(args.threads), str(args.new_tokens), args.batches)
     print(f"\nserver half on the CPU, {args.threads} threads, {srv['tokens']}-token prompts, "
           f"answers of {args.new_tokens} tokens, peak RSS {srv['peak_rss_mb']:.0f} MB")

@@ -69,7 +69,8 @@ class DeviceClient:
 
     # ---------------------------------------------------------------- the client half
     def encode(self, image, prompt: str):
-        """-> (wire array (1, T, D), attention mask (1, T), KV cache list)."""
+        """-> (wire array (1, T, D), attention mask (1, T), KV cache list). A prompt-ids
+        bundle (cut 0) gives the image positions' codes alone, (1, N, D)."""
         img = load_image(image) if isinstance(image, (str, Path)) else image
         pix = preprocess(img, self.manifest.image)
         ids, mask = self.prompts.encode([prompt])
@@ -77,6 +78,8 @@ class DeviceClient:
         if limit is not None and ids.shape[1] >= limit:  # refused here, before any byte is sent
             raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
                               f"{limit} (its answer needs room too); shorten the prompt")
+        if self.manifest.prompt_ids:
+            return self.prefill.run(None, {"pixel_values": pix})[0], mask, []
         out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
         return out[0], mask, out[1:]
 
@@ -90,6 +93,8 @@ class DeviceClient:
 
     def part(self, wire: np.ndarray):
         m = self.manifest
+        if m.quantizer == "fsq" and wire.size == 0:  # an image by reference under prompt ids: no codes at all
+            return codes_part(wire, m.levels)
         if m.quantizer == "fsq":
             return codes_part(wire, m.levels, entropy=self.entropy)
         return array_part(wire.astype(np.float16))
@@ -106,22 +111,41 @@ class DeviceClient:
             return None
         return int(where[0]), len(where)
 
-    def prompt_request(self, wire: np.ndarray, span: tuple[int, int] | None, options: InferOptions,
-                       request_id: bytes) -> tuple[Frame, str | None, bool]:
-        """The INFER_REQUEST, the server to send it to (None: the shared topic) and
-        whether it names the image by reference."""
-        fields = dict(request_id=request_id, fingerprint=self.manifest.fingerprint_bytes)
+    def prompt_request(self, wire: np.ndarray, ids: np.ndarray, options: InferOptions, request_id: bytes,
+                       full: bool = False) -> tuple[Frame, str | None, bool]:
+        """The INFER_REQUEST for a prompt's `wire` and `ids` (1, T), the server to send it
+        to (None: the shared topic) and whether it names the image by reference (never
+        with full=True). With prompt ids the codes are the image's alone and the ids go too."""
+        m = self.manifest
+        fields = dict(request_id=request_id, fingerprint=m.fingerprint_bytes)
+        prompt_ids = ids[0] if m.prompt_ids else None
+        span = self.image_span(ids) if m.quantizer == "fsq" else None
         if span is None or not self.reuse_images:
-            return infer_request_frame(self.part(wire), options, **fields), None, False
+            return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
         at, n = span
-        digest = image_digest(wire[0, at:at + n])
+        image = wire[0] if m.prompt_ids else wire[0, at:at + n]
+        digest = image_digest(image)
         held = self._images.get(digest)
-        if held is not None and held[1] > time.monotonic():
-            rest = np.concatenate([wire[:, :at], wire[:, at + n:]], axis=1)
+        if not full and held is not None and held[1] > time.monotonic():
+            rest = wire[:, :0] if m.prompt_ids else np.concatenate([wire[:, :at], wire[:, at + n:]], axis=1)
             options = dataclasses.replace(options, image=ImageRef(at, n, digest, by_reference=True))
-            return infer_request_frame(self.part(rest), options, **fields), held[0], True
+            return infer_request_frame(self.part(rest), options, prompt_ids, **fields), held[0], True
+        if full:
+            self._images.pop(digest, None)
         options = dataclasses.replace(options, image=ImageRef(at, n, digest))
-        return infer_request_frame(self.part(wire), options, **fields), None, False
+        return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
+
+    def request_frame(self, image, prompt: str, options: InferOptions = InferOptions(),
+                      request_id: bytes | None = None) -> Frame:
+        """The INFER_REQUEST of one question, whole (no image by reference): for drivers
+        and tests that talk to a server frame by frame."""
+        wire, _, _ = self.encode(image, prompt)
+        ids, _ = self.prompts.encode([prompt])
+        saved, self.reuse_images = self.reuse_images, False
+        try:
+            return self.prompt_request(wire, ids, options, request_id or new_request_id())[0]
+        finally:
+            self.reuse_images = saved
 
     # ---------------------------------------------------------------- one question
     def ask(self, transport, image, prompt: str, timeout: float = 10.0, retries: int = 2, restarts: int = 2,
@@ -139,12 +163,11 @@ class DeviceClient:
         t0 = time.perf_counter()
         wire, mask, past = self.encode(image, prompt)
         ids, _ = self.prompts.encode([prompt])
-        span = self.image_span(ids) if self.manifest.quantizer == "fsq" else None
         sent = _Sent(tokens=_Tokens(on_token, t0))
         options = options or InferOptions()
         for attempt in range(restarts + 1):
             try:
-                return dataclasses.replace(self._generate(transport, wire, mask, past, span, options, timeout,
+                return dataclasses.replace(self._generate(transport, wire, mask, past, ids, options, timeout,
                                                           retries, t0, sent), restarts=attempt)
             except _SessionLost as lost:
                 if attempt == restarts:
@@ -152,23 +175,26 @@ class DeviceClient:
                 log.warning("generation lost mid-answer (%s); starting again from the prompt", lost.error)
         raise AssertionError("unreachable")
 
-    def _generate(self, transport, wire, mask, past, span, options, timeout, retries, t0, sent: "_Sent") -> Answer:
+    def _generate(self, transport, wire, mask, past, ids, options, timeout, retries, t0, sent: "_Sent") -> Answer:
         rid = new_request_id()
-        frame, server_id, by_ref = self.prompt_request(wire, span, options, rid)
+        frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid)
         sent.tokens.reset()
         while True:
             frame = transport.address(frame)  # as sent, so that the byte count has the whole header
             sent.up += len(encode_frame(frame))
-            sent.fp16 += header_nbytes(frame) + (frame.shape[1] if frame.kind == FrameKind.DECODE_STEP else
-                                                 wire.shape[1]) * self.manifest.hidden_size * 2
+            # the same positions as 16-bit hidden states, in a frame of their own
+            positions = 1 if frame.kind == FrameKind.DECODE_STEP else ids.shape[1]
+            sent.fp16 += header_nbytes(dataclasses.replace(frame, shape=(1, positions, 0))) + \
+                positions * self.manifest.hidden_size * 2
             try:
                 # Decode steps go to one server: no retries there, a silent one has lost the session.
                 reply = transport.request(frame, timeout=timeout, retries=0 if server_id else retries,
                                           server_id=server_id, on_partial=sent.tokens.on_partial)
             except RequestTimeout as e:
                 if by_ref and frame.kind == FrameKind.INFER_REQUEST:  # the server holding the image is gone
-                    frame, server_id, by_ref = self._resend_in_full(wire, span, options, e)
-                    rid = frame.request_id
+                    log.info("the server holding the image did not answer (%s); sending it again", e)
+                    rid = new_request_id()
+                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True)
                     continue
                 if server_id is None:
                     raise
@@ -181,8 +207,9 @@ class DeviceClient:
                     raise _SessionLost(error) from None
                 # Both ask again under a new request id: servers answer a repeated id from their cache.
                 if error.code == "image_not_cached" and by_ref:
-                    frame, server_id, by_ref = self._resend_in_full(wire, span, options, error)
-                    rid = frame.request_id
+                    log.info("image not held by the server (%s); sending it again", error)
+                    rid = new_request_id()
+                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True)
                     continue
                 if error.code == "bad_frame" and "version" in error.message and frame.codec.name == "TENSORS":
                     frame = self._as_version_1(wire, options, error)
@@ -191,7 +218,7 @@ class DeviceClient:
                 raise
             if reply.kind == FrameKind.ANSWER:
                 a = reply.json()
-                if a.get("image_cached") and span is not None:
+                if a.get("image_cached"):
                     ttl = float(a.get("image_ttl_s", 0))
                     self._images[str(a["image_cached"])] = (a.get("server") or None, time.monotonic() + 0.9 * ttl)
                 ids = [int(t) for t in a.get("token_ids", [])]
@@ -206,18 +233,14 @@ class DeviceClient:
             wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)
             frame = self.frame(FrameKind.DECODE_STEP, wire, rid, int(nxt["step"]))
 
-    def _resend_in_full(self, wire, span, options, why) -> tuple[Frame, None, bool]:
-        log.info("image not held by the server (%s); sending it again", why)
-        at, n = span
-        self._images.pop(image_digest(wire[0, at:at + n]), None)
-        return infer_request_frame(self.part(wire), dataclasses.replace(options, image=ImageRef(
-            at, n, image_digest(wire[0, at:at + n]))), request_id=new_request_id(),
-            fingerprint=self.manifest.fingerprint_bytes), None, False
-
     def _as_version_1(self, wire, options: InferOptions, error: RemoteError) -> Frame:
         """A server that speaks only version 1: ask the version 1 way when nothing asked
         for is lost (the image reference and streaming only save bytes and waiting), else say
         what it cannot do."""
+        if self.manifest.prompt_ids:
+            raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); this bundle sends "
+                                            "prompt ids (protocol version 2): upgrade the server agent, or export "
+                                            "the bundle with --prompt-codes")
         wanted = {k: v for k, v in options.to_json().items() if k not in ("image", "stream")}
         if wanted:
             raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); it cannot take "

@@ -83,6 +83,9 @@ class BundleManifest:
     files: list[FileSpec] = dataclasses.field(default_factory=list)
     max_context: int | None = None  # the model's context length: longer prompts are refused before sending
     family: str | None = None  # the checkpoint's model_type and its LLM's, e.g. "llava/qwen2"
+    # cut 0: the prefill graph takes pixels alone and returns the image positions' codes;
+    # the prompt's text goes up as token ids, embedded by the server (docs/PROTOCOL.md)
+    prompt_ids: bool = False
 
     @property
     def fingerprint_bytes(self) -> bytes:

@@ -89,7 +89,7 @@ def _wrong_fingerprint(data: bytes, rng: np.random.Generator) -> bytes:
 def _lying_parts(data: bytes, rng: np.random.Generator) -> bytes:
     """A TENSORS request whose parts lie (counts, codecs, sizes), with every CRC right."""
     f = decode_frame(data)
-    body = parse_infer_request(f)[0]
+    body = parse_infer_request(f).codes
     opts = rng.choice([b'{"max_new_tokens": -1}', b'{"temperature": "hot"}', b"[1, 2]", b"\xff\xfe",
                        b'{"image": {"at": 0, "tokens": 99999, "digest": "' + b"0" * 64 + b'", "ref": true}}',
                        b'{"stop": [""]}', b'{"unknown": 1}', b'{"stream": 1000}'])

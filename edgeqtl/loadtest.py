@@ -196,17 +196,11 @@ def tiny_setup(work: Path, max_new_tokens: int = 2):
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitConfig, SplitModel
     from edgeqtl.server_agent.agent import load_engine
-    from edgeqtl.wire import InferOptions, infer_request_frame, new_request_id
-
     save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=0, levels=4)), work / "model")
     export_bundle(ExportOptions(work / "model", work / "bundle", verify=False), progress=None)
     client = DeviceClient(work / "bundle", reuse_images=False)
     engine = load_engine(work / "bundle" / "server", max_new_tokens=max_new_tokens)
-    frames = []
-    for s in shapes.heldout(1)[:5]:
-        wire, _, _ = client.encode(s.image, s.question)
-        frames.append(infer_request_frame(client.part(wire), InferOptions(), request_id=new_request_id(),
-                                          fingerprint=client.manifest.fingerprint_bytes))
+    frames = [client.request_frame(s.image, s.question) for s in shapes.heldout(1)[:5]]
     expected = [engine.handle(f).json()["text"] for f in frames]
     return work / "bundle" / "server", frames, expected
 

@@ -401,22 +401,43 @@ def image_digest(codes: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def infer_request_frame(codes: Part, options: InferOptions, **fields) -> Frame:
+def infer_request_frame(codes: Part, options: InferOptions, prompt_ids: np.ndarray | None = None,
+                        **fields) -> Frame:
     """INFER_REQUEST: the codes alone (version 1) when every option is the server's
-    default, else TENSORS [codes, JSON options] (version 2)."""
+    default and the text goes as codes; else TENSORS [codes, JSON options] or, with the
+    prompt's token ids (cut 0: the codes are the image positions' alone),
+    TENSORS [codes, INT32 ids, JSON options] (version 2)."""
+    if prompt_ids is not None:
+        ids = array_part(np.asarray(prompt_ids, np.int32).reshape(-1))
+        return tensors_frame(FrameKind.INFER_REQUEST, [codes, ids, json_part(options.to_json())], **fields)
     if options.is_default:
         return frame_of(FrameKind.INFER_REQUEST, codes, **fields)
     return tensors_frame(FrameKind.INFER_REQUEST, [codes, json_part(options.to_json())], **fields)
 
 
-def parse_infer_request(frame: Frame) -> tuple[Part, InferOptions]:
-    """(codes, options) of an INFER_REQUEST of either form."""
+@dataclasses.dataclass
+class InferRequest:
+    codes: Part  # (1, T, D); with prompt ids, (1, N image tokens, D)
+    options: InferOptions
+    prompt_ids: np.ndarray | None = None  # (T,) int32: the whole prompt, image positions included
+
+
+def parse_infer_request(frame: Frame) -> InferRequest:
+    """An INFER_REQUEST of any form."""
     if frame.codec != Codec.TENSORS:
-        return frame.body, InferOptions()
+        return InferRequest(frame.body, InferOptions())
     parts = frame.parts()
-    if len(parts) != 2 or parts[1].codec != Codec.JSON or parts[0].codec in (Codec.JSON, Codec.TENSORS):
-        raise ProtocolError("an INFER_REQUEST with options has 2 parts: codes, then JSON options")
-    return parts[0], InferOptions.from_json(parts[1].json())
+    if len(parts) not in (2, 3) or parts[-1].codec != Codec.JSON or parts[0].codec in (Codec.JSON, Codec.TENSORS):
+        raise ProtocolError("an INFER_REQUEST with options has 2 parts (codes, JSON options) or 3 (codes, INT32 "
+                            "prompt ids, JSON options)")
+    ids = None
+    if len(parts) == 3:
+        if parts[1].codec != Codec.INT32 or len(parts[1].shape) != 1:
+            raise ProtocolError("INFER_REQUEST prompt ids: a 1-d INT32 part")
+        ids = parts[1].array()
+        if (ids < 0).any():
+            raise ProtocolError("INFER_REQUEST prompt ids: a negative id")
+    return InferRequest(parts[0], InferOptions.from_json(parts[-1].json()), ids)
 
 
 def tokens_frame(first: int, ids: list[int], **fields) -> Frame:
@@ -587,4 +608,4 @@ __all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "encode_frame
            "codes_frame", "array_frame", "json_frame", "tensors_frame", "array_part", "codes_part", "gradient_part",
            "json_part", "error_frame", "raise_if_error", "new_request_id", "header_nbytes", "IGNORE_LABEL",
            "TrainRequest", "train_request_frame", "parse_train_request", "ImageRef", "InferOptions", "image_digest",
-           "infer_request_frame", "parse_infer_request", "tokens_frame", "frame_version", "VERSION", "VERSIONS"]
+           "infer_request_frame", "parse_infer_request", "InferRequest", "tokens_frame", "frame_version", "VERSION", "VERSIONS"]

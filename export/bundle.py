@@ -28,7 +28,7 @@ from edgeqtl.models.server_half import save_server_half
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
 from .calibration import fit_entropy_model, user_samples, world_samples
-from .graphs import export_decode, export_prefill, kv_shape
+from .graphs import export_decode, export_image, export_prefill, kv_shape
 from .variants import OPSET, convert_fp16, file_spec, graph_spec, in_child, quantize_int8
 from .verify import reference, verify_graphs
 
@@ -46,6 +46,9 @@ class ExportOptions:
     calibration_samples: int | None = None  # to fit the entropy model (default: 256; 32 at real size)
     verify_samples: int | None = None  # with calibration data or at real size (default 4)
     batch_size: int | None = None  # PyTorch's batches (default: 64 for short sequences, fewer for long; 2 at real size)
+    # cut 0: the prompt's text goes up as token ids, embedded by the server, and the device
+    # bundle has no token-embedding table (None: on at cut 0; False: the text as codes too)
+    prompt_ids: bool | None = None
 
 
 @dataclasses.dataclass
@@ -134,6 +137,10 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     check_memory(model_dir)
     model = load_split_model(model_dir, split).eval()
     split = model.split  # code_dim resolved (None: the LLM's hidden size)
+    prompt_ids = opts.prompt_ids if opts.prompt_ids is not None else split.cut == 0
+    if prompt_ids and split.cut != 0:
+        raise CheckpointError(f"prompt ids need cut 0 (this split is at cut {split.cut}): at cut > 0 the text "
+                              "positions pass through the device's layers; drop --prompt-ids")
     if not trained:
         say(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
             "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
@@ -154,7 +161,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     entropy = None
     if split.quantizer == "fsq":
         bar = tqdm(total=len(fit), desc="fit entropy model", disable=progress is None, dynamic_ncols=True)
-        entropy = fit_entropy_model(model, fit, prompts, image, batch, bar.update)
+        entropy = fit_entropy_model(model, fit, prompts, image, batch, bar.update, image_only=prompt_ids)
         bar.close()
     ref = None
     if opts.verify:
@@ -165,13 +172,13 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     prompts.save(out)
     save_server_half(model, out / "server", fp, out / "tokenizer.json",
                      extra={"text": dataclasses.asdict(text), "entropy": entropy.to_list() if entropy else None,
-                            "max_context": max_context_of(model),
+                            "max_context": max_context_of(model), "prompt_ids": prompt_ids,
                             "generation": generation_record(model_dir, model, prompts)})
     gate = read_split_meta(model_dir).get("step", 0) > 0
     server = None if big else model.server  # small: kept, to compare answers too
     if big:
-        _free_server_weights(model)
-    graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say)
+        _free_server_weights(model, prompt_ids)
+    graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids)
     hidden, layers = model.hidden_size, model.num_layers
     del model
     gc.collect()
@@ -180,7 +187,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
                               graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
-                              max_context=max_context_of_dir(out / "server"), family=family_of(model_dir))
+                              max_context=max_context_of_dir(out / "server"), family=family_of(model_dir),
+                              prompt_ids=prompt_ids)
     manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     manifest.save(out)
     result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
@@ -205,12 +213,14 @@ def family_of(model_dir: Path) -> str | None:
     return "/".join(str(t) for t in (outer, inner) if t) or None
 
 
-def _free_server_weights(model: SplitModel) -> None:
+def _free_server_weights(model: SplitModel, prompt_ids: bool = False) -> None:
     """Once the server half is saved (and the reference computed), its weights are dead
     weight: the trunk after the cut and lm_head (2.4 GB at real size) are in no client
-    graph. Freed before the ONNX exporter, whose copies of the client's weights make the
-    export's peak."""
+    graph, nor, with prompt ids, the token-embedding table (0.6 GB). Freed before the ONNX
+    exporter, whose copies of the client's weights make the export's peak."""
     decoder = model.parts.decoder
+    if prompt_ids:
+        decoder.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     for i in range(model.split.cut, len(decoder.layers)):
         decoder.layers[i] = torch.nn.Identity()
     model.server.layers = torch.nn.ModuleList()
@@ -260,7 +270,7 @@ def max_context_of_dir(server_dir: Path) -> int | None:
 
 
 def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int, big: bool,
-                   progress) -> list[tuple[str, Path, list[str], list[str]]]:
+                   progress, prompt_ids: bool = False) -> list[tuple[str, Path, list[str], list[str]]]:
     """The client half's fp32 graphs: (role, path, inputs, outputs)."""
     # example inputs: batch 2 and seq > 1, so that the exporter keeps both dynamic
     n_img = model.num_image_tokens
@@ -270,7 +280,8 @@ def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
     pix = torch.zeros(2, 3, image.size, image.size)
-    todo = [("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET, external_data=big))]
+    todo = [("prefill", lambda p: export_image(model.client, p, pix, OPSET, external_data=big)) if prompt_ids else
+            ("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET, external_data=big))]
     if cut > 0:
         todo.append(("decode", lambda p: export_decode(model.client, p, opset=OPSET, external_data=big)))
     done = []

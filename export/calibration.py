@@ -83,15 +83,19 @@ def client_codes(model, inputs: Inputs) -> np.ndarray:
 
 @torch.inference_mode()
 def fit_entropy_model(model, samples: list[Sample], prompts: PromptEncoder, image: ImageSpec, batch_size: int,
-                      progress=None):
-    """Per-dimension code histograms over the samples' tokens (text and image alike),
-    counted batch by batch."""
+                      progress=None, image_only: bool = False):
+    """Per-dimension code histograms over the samples' tokens (text and image alike; with
+    image_only, the image positions alone: what goes up as codes when the prompt's text
+    goes as ids), counted batch by batch."""
     from edgeqtl.codec import EntropyModel
 
     levels, dim = model.split.levels, model.split.code_dim
     counts = np.ones((dim, levels), np.int64)  # add-one: every code stays codable
     for inputs in batches(samples, prompts, image, batch_size):
-        codes = client_codes(model, inputs)[inputs.attention_mask.astype(bool)].astype(np.int64)
+        sent = inputs.attention_mask.astype(bool)
+        if image_only:
+            sent &= inputs.input_ids == prompts.image_token_id
+        codes = client_codes(model, inputs)[sent].astype(np.int64)
         np.add.at(counts, (np.broadcast_to(np.arange(dim), codes.shape), codes), 1)
         if progress is not None:
             progress(len(inputs.answers))

@@ -4,6 +4,8 @@
               -> codes [, present_key_i, present_value_i for each client layer]
     decode:   input_ids (B, 1), attention_mask (B, P + 1), past_key_i, past_value_i ...
               -> codes (B, 1, D), present_key_i, present_value_i ...   (cut > 0 only)
+    image:    pixel_values -> codes (B, N image tokens, D)   (cut 0 with prompt ids: the
+              bundle's prefill graph; no token-embedding table on the device)
 
 The KV cache of the client's layers lives on the device and travels in and out of the
 decode graph as plain tensors (B, kv_heads, P, head_dim), so ONNX Runtime needs no
@@ -33,6 +35,15 @@ class PrefillGraph(nn.Module):
         if not self.cut:
             return wire
         return (wire, *[t for i in range(self.cut) for t in cache.kv[i]])
+
+
+class ImageGraph(nn.Module):
+    def __init__(self, client: ClientHalf):
+        super().__init__()
+        self.client = client
+
+    def forward(self, pixel_values):
+        return self.client.image_wire(pixel_values).wire
 
 
 class DecodeGraph(nn.Module):
@@ -69,6 +80,19 @@ def export_prefill(client: ClientHalf, path, example, opset: int = 18,
                       output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch, 1: seq},
                                       "attention_mask": {0: batch, 1: seq}})
+    return inputs, outputs
+
+
+def export_image(client: ClientHalf, path, pixel_values, opset: int = 18,
+                 external_data: bool = False) -> tuple[list[str], list[str]]:
+    """The prompt-ids prefill graph: pixels in, the image positions' codes out. Only the
+    vision tower, the projector and the quantizer's encoder are in it."""
+    graph = ImageGraph(client).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    inputs, outputs = ["pixel_values"], ["codes"]
+    torch.onnx.export(graph, (pixel_values,), str(path), dynamo=True, opset_version=opset, input_names=inputs,
+                      output_names=outputs, external_data=external_data, verbose=False,
+                      dynamic_shapes={"pixel_values": {0: batch}})
     return inputs, outputs
 
 

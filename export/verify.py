@@ -12,6 +12,9 @@ export holds one model at a time). Then, for each graph variant:
     pure PyTorch pipeline's accuracy on the same questions;
   - decode (cut > 0): prefill then token-by-token decode steps with the bundle's own KV
     cache, against PyTorch's incremental client.
+With prompt ids (cut 0), the prefill graph gives the image positions' codes only, compared
+with PyTorch's at those positions; the accuracy column puts them back among PyTorch's
+text codes, as the server does with its own embedding of the ids.
 Thresholds: fp32 agreement >= 99.9%; int8 and fp16, which are lossy by design, >= 99.5%
 of codes within one level and >= 85% equal (a broken graph lands far below both: random
 codes at 4 levels agree 25%); for a trained model, accuracy within 1 point of PyTorch's.
@@ -147,9 +150,17 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, server=None, gate_accura
         sess = open_session(bundle_dir / g.file, "cpu", threads)
         agree, hits = [], []
         for x, codes, answers in zip(ref.inputs, ref.codes, ref.answer_ids):
-            out = sess.run(["codes"], {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
-                                       "attention_mask": x.attention_mask})[0]
-            agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None], codes.shape)))
+            if manifest.prompt_ids:  # the image positions' codes; the text positions are the server's lookup
+                is_image = (x.input_ids == manifest.text.image_token_id) & x.attention_mask.astype(bool)
+                image = sess.run(["codes"], {"pixel_values": x.pixel_values})[0]
+                agree.append(_agree(image, codes[is_image].reshape(image.shape), np.ones(image.shape, bool)))
+                out = codes.copy()
+                out[is_image] = image.reshape(-1, image.shape[-1])
+            else:
+                out = sess.run(["codes"], {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
+                                           "attention_mask": x.attention_mask})[0]
+                agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None],
+                                                                codes.shape)))
             if has_answers:
                 hits.append((_server_predictions(server, out, x.attention_mask) == answers)[answers >= 0])
         exact, near = np.mean(agree, axis=0).tolist()

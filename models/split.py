@@ -239,7 +239,16 @@ class ClientHalf(nn.Module):
         return run_layers(self._decoder, self.layers, h, attention_mask, cache)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
-        h = self.hidden(input_ids, attention_mask, pixel_values, cache)
+        return self.to_wire(self.hidden(input_ids, attention_mask, pixel_values, cache))
+
+    def image_wire(self, pixel_values) -> ClientOutput:
+        """At cut 0, what the image positions send: the projected image features, quantized
+        (the text positions go as token ids, which the server embeds: prompt ids)."""
+        if self.split.cut != 0:
+            raise ValueError("prompt ids need cut 0: at cut > 0 the text positions pass through the device's layers")
+        return self.to_wire(self.image_features(pixel_values))
+
+    def to_wire(self, h) -> ClientOutput:
         if self.split.quantizer == "fsq":
             codes, values = self.encoder(h)
             return ClientOutput(codes, values)

@@ -90,6 +90,7 @@ class GenerationEngine:
         self.entropy = EntropyModel.from_list(entropy) if entropy is not None else None
         self.server_id: str | None = None  # set by the agent: where this generation's decode steps must go
         self.images = image_cache if image_cache is not None else ImageCache()
+        self.image_token_id = bundle.meta.get("text", {}).get("image_token_id")
         # set by the agent: emit(request, TOKENS frame) publishes a streamed part of an answer
         self.emit: Callable[[Frame, Frame], None] | None = None
         self._lock = threading.Lock()
@@ -138,10 +139,13 @@ class GenerationEngine:
         """An INFER_REQUEST's whole prompt (an image by reference spliced back in), its
         decoding, and the digest of the image codes it leaves here for the next question."""
         try:
-            part, options = parse_infer_request(frame)
+            req = parse_infer_request(frame)
         except ProtocolError as e:
             raise CodedError("bad_options", str(e)) from None
+        part, options = req.codes, req.options
         decoding = self.settings.resolve(options, frame.request_id)
+        if req.prompt_ids is not None:
+            return self._with_prompt_ids(frame, req, decoding)
         ref = options.image
         if ref is None:
             return self._tensor(self.wire_tensor(part)), decoding, None
@@ -166,6 +170,43 @@ class GenerationEngine:
         else:
             log.info("image codes from %s not kept (digest differs or too large)", frame.device_id)
         return self._tensor(arr), decoding, cached
+
+    def _with_prompt_ids(self, frame: Frame, req, decoding: Decoding) -> tuple[torch.Tensor, Decoding, str | None]:
+        """Prompt ids (cut 0): the text positions' codes from this half's own embedding
+        table and quantizer encoder (what the device would have sent), the image
+        positions' from the frame, or from the image kept for this device."""
+        ids, ref = req.prompt_ids, req.options.image
+        if self.token_encoder is None:
+            raise CodedError("bad_request", f"prompt ids go to a cut-0 server half; this one is at cut {self.split.cut}")
+        if not 0 < len(ids) <= self.max_context:
+            raise CodedError("prompt_too_long", f"prompt of {len(ids)} tokens; this server's context is "
+                                                  f"{self.max_context}")
+        vocab = self.token_encoder.embed.num_embeddings
+        is_image = ids == self.image_token_id
+        if int(ids[~is_image].max(initial=0)) >= vocab:
+            raise CodedError("bad_options", f"a prompt id past the vocabulary of {vocab}")
+        n = int(is_image.sum())
+        cached = None
+        if ref is not None and ref.by_reference:
+            image = self.images.get(frame.device_id, ref.digest)
+            if image is None or image.shape[0] != n or req.codes.shape[1:2] != (0,):
+                raise CodedError("image_not_cached", f"this server does not hold image {ref.digest[:12]} for "
+                                                       f"{frame.device_id!r} (expired or never sent here); send the "
+                                                       "image again")
+            cached = ref.digest
+        else:
+            arr = self.wire_tensor(req.codes)
+            if arr.shape[1] != n:
+                raise CodedError("bad_shape", f"{n} image positions in the prompt ids, {arr.shape[1]} image codes sent")
+            image = arr[0]
+            if ref is not None and image_digest(image) == ref.digest and self.images.put(frame.device_id, ref.digest,
+                                                                                        image):
+                cached = ref.digest
+        safe = torch.from_numpy(np.where(is_image, 0, ids).astype(np.int64))[None].to(self.device)
+        with torch.no_grad():
+            wire = self.token_encoder(safe).clone()
+        wire[0, torch.from_numpy(is_image).to(self.device)] = self._tensor(image).to(wire.dtype)
+        return wire, decoding, cached
 
     # ---------------------------------------------------------------- frames
     def handle(self, frame: Frame) -> Frame:

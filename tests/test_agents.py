@@ -148,9 +148,8 @@ def _lockstep(engine, client, samples, batched: bool):
 
     states = []
     for s in samples:
-        wire, mask, past = client.encode(s.image, s.question)
-        rid = new_request_id()
-        states.append({"frame": client.frame(FrameKind.INFER_REQUEST, wire, rid, 0), "mask": mask, "past": past,
+        _, mask, past = client.encode(s.image, s.question)
+        states.append({"frame": client.request_frame(s.image, s.question), "mask": mask, "past": past,
                        "dev": f"dev-{len(states)}", "answer": None})
     while any(st["answer"] is None for st in states):
         live = [st for st in states if st["answer"] is None]

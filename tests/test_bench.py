@@ -88,9 +88,11 @@ def test_accuracy_suite_quick(bench_quick):
 def test_wire_suite_quick(bench_quick):
     section, out = bench_quick("wire")
     q = {r["frames"]: r for r in section.figures["per_question"]}
-    assert set(q) == {"packed", "entropy-coded", "16-bit"}
-    # 2-bit packing is 1/8 of the 16-bit payload; headers keep the frames a little above it
-    assert 0.125 < q["packed"]["bytes_up"] / q["16-bit"]["bytes_up"] < 0.2
+    assert set(q) == {"packed", "entropy-coded", "packed, prompt as codes", "16-bit"}
+    # with the prompt as codes, 2-bit packing is 1/8 of the 16-bit payload; headers keep the frames a little above it
+    assert 0.125 < q["packed, prompt as codes"]["bytes_up"] / q["16-bit"]["bytes_up"] < 0.2
+    # prompt ids (cut 0, the default) send 4 bytes an id where a position's codes cost code_dim / 4
+    assert q["packed"]["prompt_ids"] and q["packed"]["bytes_up"] < q["packed, prompt as codes"]["bytes_up"]
     assert q["16-bit"]["bytes_up"] == q["16-bit"]["bytes_up_16bit"]
     assert abs(q["packed"]["bytes_up_16bit"] - q["16-bit"]["bytes_up"]) / q["16-bit"]["bytes_up"] < 0.02
     for r in q.values():  # TCP carries the frames plus MQTT's own bytes

@@ -77,10 +77,8 @@ def test_a_server_under_fuzz_answers_every_valid_question_correctly(served_bundl
     samples = shapes.heldout(2)[:4]
     valid = []
     for s in samples:
-        wire, _, _ = client.encode(s.image, s.question)
         for opts in (InferOptions(), InferOptions(max_new_tokens=2)):
-            valid.append(infer_request_frame(client.part(wire), opts, request_id=new_request_id(),
-                                             fingerprint=client.manifest.fingerprint_bytes))
+            valid.append(client.request_frame(s.image, s.question, opts))
     expected = [engine.handle(f).json()["text"] for f in valid[::2]]
 
     def ask(transport, k):

@@ -25,7 +25,8 @@ from edgeqtl.wire import (FrameKind, InferOptions, ProtocolError, decode_frame, 
 NEVER = 10 ** 9  # an end id no model produces: generation runs to its length limit
 
 
-def _export(d, cut: int, seed: int = 5, generation_config: dict | None = None, image_first: bool = False):
+def _export(d, cut: int, seed: int = 5, generation_config: dict | None = None, image_first: bool = False,
+            prompt_ids: bool | None = None):
     from edgeqtl.models.checkpoint import save_checkpoint
     from edgeqtl.models.presets import build_tiny
     from edgeqtl.models.split import SplitConfig, SplitModel
@@ -37,7 +38,7 @@ def _export(d, cut: int, seed: int = 5, generation_config: dict | None = None, i
         chat = json.loads((d / "model" / "edgeqtl_chat.json").read_text())
         chat["chat"]["image_first"] = True
         (d / "model" / "edgeqtl_chat.json").write_text(json.dumps(chat))
-    export_bundle(ExportOptions(d / "model", d / "bundle", verify=False), progress=None)
+    export_bundle(ExportOptions(d / "model", d / "bundle", verify=False, prompt_ids=prompt_ids), progress=None)
     return d / "bundle"
 
 
@@ -51,7 +52,14 @@ def bundle(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle0(tmp_path_factory):
+    """Cut 0, with prompt ids (the default there)."""
     return _export(tmp_path_factory.mktemp("gen0-cut0"), 0)
+
+
+@pytest.fixture(scope="module")
+def codes_bundle(tmp_path_factory):
+    """Cut 0 with the text as codes too (--prompt-codes): what a version 1 server can take."""
+    return _export(tmp_path_factory.mktemp("gen0-codes"), 0, prompt_ids=False)
 
 
 def _engine(bundle, **settings):
@@ -60,11 +68,38 @@ def _engine(bundle, **settings):
     return engine
 
 
+def test_prompt_ids_round_trip_and_the_bundle_has_no_embedding_table(bundle0, codes_bundle):
+    import onnx
+
+    from edgeqtl.wire import parse_infer_request
+
+    client = DeviceClient(bundle0)
+    m = client.manifest
+    assert m.prompt_ids and m.graph("prefill").inputs[0].name == "pixel_values" and len(m.graph("prefill").inputs) == 1
+    s = shapes.heldout(1)[0]
+    ids, _ = client.prompts.encode([s.question])
+    req = parse_infer_request(decode_frame(encode_frame(client.request_frame(s.image, s.question))))
+    assert np.array_equal(req.prompt_ids, ids[0]) and req.codes.shape[1] == m.text.image_token_count
+    vocab = client.prompts.tok.get_vocab_size()
+
+    def weights(bundle):  # {name: (shape, bytes)} of the prefill graph's initializers
+        graph = onnx.load(str(bundle / "client_prefill.onnx"), load_external_data=False).graph
+        return {i.name: (tuple(i.dims), len(i.raw_data)) for i in graph.initializer}
+
+    ids_w, codes_w = weights(bundle0), weights(codes_bundle)
+    table = codes_w["client.embed_tokens.weight"]
+    assert table[0] == (vocab, m.hidden_size)  # the prompt-codes graph carries the table ...
+    assert not any("embed_tokens" in name for name in ids_w)  # ... the prompt-ids graph does not
+    assert sum(b for _, b in codes_w.values()) - sum(b for _, b in ids_w.values()) >= table[1]
+    with_ids, with_codes = (len(encode_frame(DeviceClient(b).request_frame(s.image, s.question)))
+                            for b in (bundle0, codes_bundle))
+    assert with_ids < with_codes  # a few bytes an id against the codes of a whole position
+
+
 def _request(client: DeviceClient, options: InferOptions = InferOptions(), request_id: bytes | None = None):
     s = shapes.heldout(1)[0]
-    wire, mask, past = client.encode(s.image, s.question)
-    frame = infer_request_frame(client.part(wire), options, request_id=request_id or new_request_id(),
-                                fingerprint=client.manifest.fingerprint_bytes, device_id="pi")
+    _, mask, past = client.encode(s.image, s.question)
+    frame = dataclasses.replace(client.request_frame(s.image, s.question, options, request_id), device_id="pi")
     frame.client_state = (client, mask, past)  # for the decode steps at cut > 0
     return frame
 
@@ -239,8 +274,9 @@ def _with_version(data: bytes, version: int) -> bytes:
     return bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little")
 
 
-def test_frames_go_as_the_lowest_version_that_has_their_features(bundle0):
-    client = DeviceClient(bundle0)
+def test_frames_go_as_the_lowest_version_that_has_their_features(bundle0, codes_bundle):
+    assert encode_frame(_request(DeviceClient(bundle0)))[4] == 2  # prompt ids are version 2
+    client = DeviceClient(codes_bundle)
     assert encode_frame(_request(client))[4] == 1  # a plain request: any version 1 server takes it
     assert encode_frame(_request(client, InferOptions(max_new_tokens=3)))[4] == 2
     with pytest.raises(ProtocolError, match="version 1 frame cannot"):
@@ -272,7 +308,7 @@ def test_a_frame_from_a_newer_version_gets_the_clear_error(bundle0, mosquitto):
         assert t.endpoint.connected
 
 
-def test_a_version_1_server_still_answers_and_refuses_options_naming_both(bundle0, mosquitto):
+def test_a_version_1_server_still_answers_and_refuses_options_naming_both(codes_bundle, bundle0, mosquitto):
     import edgeqtl.transport as transport
 
     real = transport.decode_frame
@@ -282,17 +318,20 @@ def test_a_version_1_server_still_answers_and_refuses_options_naming_both(bundle
             raise ProtocolError(f"frame version {data[4]}; this edgeqtl speaks version 1")
         return real(data)
 
-    client = DeviceClient(bundle0)
     cfg = BrokerConfig(port=mosquitto.port)
     s = shapes.heldout(1)[0]
-    expected = DeviceClient(bundle0, reuse_images=False)
-    with ServerAgent(_engine(bundle0, max_new_tokens=4), cfg) as agent, RequestClient(cfg, "pi-old") as t:
+    client, expected = DeviceClient(codes_bundle), DeviceClient(codes_bundle, reuse_images=False)
+    with ServerAgent(_engine(codes_bundle, max_new_tokens=4), cfg) as agent, RequestClient(cfg, "pi-old") as t:
         want = expected.ask(t, s.image, s.question).text
         agent.endpoint.handler = _patched(agent, transport, old_decode, real)
         a = client.ask(t, s.image, s.question, options=InferOptions(stream=2))  # v2 (image, stream): falls back
         assert a.text == want and not client.reuse_images
         with pytest.raises(RemoteError, match="older edgeqtl.*version 2.*version 1.*max_new_tokens"):
             client.ask(t, s.image, s.question, options=InferOptions(max_new_tokens=3))
+    with ServerAgent(_engine(bundle0, max_new_tokens=4), cfg) as agent, RequestClient(cfg, "pi-old-ids") as t:
+        agent.endpoint.handler = _patched(agent, transport, old_decode, real)
+        with pytest.raises(RemoteError, match="older edgeqtl.*prompt ids.*--prompt-codes"):
+            DeviceClient(bundle0).ask(t, s.image, s.question)
 
 
 def _patched(agent, transport, old_decode, real):

@@ -209,15 +209,18 @@ def measure_runtime(job: dict) -> dict:
         client = load_split_model(model_dir, split).client.eval()
         t_ids, t_mask, t_pix = map(torch.from_numpy, (ids, mask, pix))
 
-        def step():
+        def step():  # what the device computes: with prompt ids (cut 0), the image positions' codes alone
             with torch.inference_mode():
+                if manifest.prompt_ids:
+                    return client.image_wire(t_pix).wire.numpy()
                 return client(t_ids, t_mask, t_pix).wire.numpy()
     else:
         from edgeqtl.device_agent.session import open_session  # as the device agent opens it: no torch here
 
         imports_rss = _rss_now_mb()
         session = open_session(bundle / manifest.graph("prefill", kind).file, manifest.target, threads)
-        feeds = {"pixel_values": pix, "input_ids": ids, "attention_mask": mask}
+        feeds = {"pixel_values": pix} if manifest.prompt_ids else \
+            {"pixel_values": pix, "input_ids": ids, "attention_mask": mask}
 
         def step():
             return session.run(None, feeds)[0]

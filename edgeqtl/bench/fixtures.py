@@ -65,19 +65,21 @@ def untrained_model(ctx: BenchContext, levels: int | None, cut: int = 0) -> Path
     return d
 
 
-def bundle_of(ctx: BenchContext, model_dir: Path, target: str = "cpu") -> Path:
+def bundle_of(ctx: BenchContext, model_dir: Path, target: str = "cpu", prompt_ids: bool | None = None) -> Path:
     """The device bundle of a model directory, exported once (no verification: the
-    suites measure, `edgeqtl export` verifies)."""
-    if ctx.bundle is not None and ctx.model is not None and Path(model_dir) == Path(ctx.model):
+    suites measure, `edgeqtl export` verifies). prompt_ids: export's own default (on at
+    cut 0) unless given."""
+    if ctx.bundle is not None and ctx.model is not None and Path(model_dir) == Path(ctx.model) and prompt_ids is None:
         return ctx.bundle
-    d = ctx.work(f"bundle-{Path(model_dir).name}-{target}")
+    form = "" if prompt_ids is None else ("-ids" if prompt_ids else "-codes")
+    d = ctx.work(f"bundle-{Path(model_dir).name}-{target}{form}")
     if (d / "manifest.json").is_file():
         return d
     from edgeqtl.export.bundle import ExportOptions, export_bundle
 
     calibration = ctx.data if ctx.data is not None else None
-    export_bundle(ExportOptions(Path(model_dir), d, target=target, verify=False, calibration_data=calibration),
-                  progress=None)
+    export_bundle(ExportOptions(Path(model_dir), d, target=target, verify=False, calibration_data=calibration,
+                                prompt_ids=prompt_ids), progress=None)
     return d
 
 

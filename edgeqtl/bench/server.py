@@ -10,6 +10,8 @@ runs its half on its own CPU. One untimed question per device warms the server u
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -78,7 +80,7 @@ def measure(bundle: Path, port: int, devices: int, per_device: int, questions, r
     asked = devices * per_device
     picked = [questions[i % len(questions)] for i in range(asked)]
     precomputed = client.manifest.cut == 0  # deeper cuts answer decode steps: the device must run then
-    wires = [client.encode(q.image, q.question)[0] for q in picked] if precomputed else None
+    prompts = [client.request_frame(q.image, q.question) for q in picked] if precomputed else None
     answers: list[str | None] = [None] * asked
     latencies: list[float] = [0.0] * asked
     failures: list[str] = []
@@ -90,7 +92,7 @@ def measure(bundle: Path, port: int, devices: int, per_device: int, questions, r
         def ask(d: int, i: int) -> str:
             if not precomputed:
                 return client.ask(transports[d], picked[i].image, picked[i].question, timeout=REQUEST_TIMEOUT_S).text
-            frame = client.frame(FrameKind.INFER_REQUEST, wires[i], new_request_id(), 0)
+            frame = dataclasses.replace(prompts[i], request_id=new_request_id())
             reply = transports[d].request(frame, timeout=REQUEST_TIMEOUT_S, retries=0)
             if reply.kind != FrameKind.ANSWER:
                 raise RuntimeError(f"a {reply.kind.name} reply: {reply.json()}")

@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 import statistics
 
+from edgeqtl.bundle import BundleManifest
+
 from . import fixtures
 from .report import BenchContext, Section, markdown_table, new_figure, save_figure
 
 TITLE = "Bytes on the wire per question and per training step"
 
 
-def _per_question(ctx: BenchContext, bundle, n: int) -> list[dict]:
+def _per_question(ctx: BenchContext, bundle, n: int, name: str | None = None) -> list[dict]:
+    """name: the row's label (default: how the frames are coded)."""
     from edgeqtl.broker import MosquittoBroker
     from edgeqtl.device_agent.client import DeviceClient
     from edgeqtl.link import LinkProfile, LinkRelay
@@ -34,8 +37,8 @@ def _per_question(ctx: BenchContext, bundle, n: int) -> list[dict]:
         with ServerAgent(engine, BrokerConfig(port=broker.port)):
             for label, entropy in (("packed", False), ("entropy-coded", True)):
                 client = DeviceClient(bundle, entropy=entropy)
-                if entropy and client.entropy is None:
-                    continue  # a 16-bit bundle has no codes to entropy-code
+                if entropy and (client.entropy is None or name is not None):
+                    continue  # a 16-bit bundle has no codes to entropy-code; a named row is packing alone
                 relay = LinkRelay("127.0.0.1", 0, "127.0.0.1", broker.port,
                                   LinkProfile("unshaped", up=math.inf, down=math.inf, delay=0.0)).start()
                 try:
@@ -50,7 +53,8 @@ def _per_question(ctx: BenchContext, bundle, n: int) -> list[dict]:
                 positions = [client.prompts.encode([q.question])[0].shape[1] + (a.round_trips - 1 if m.cut else 0)
                              for q, a in zip(qs, answers)]
                 rows.append({
-                    "frames": label if m.quantizer == "fsq" else "16-bit", "quantizer": m.quantizer,
+                    "frames": name or (label if m.quantizer == "fsq" else "16-bit"), "quantizer": m.quantizer,
+                    "prompt_ids": m.prompt_ids,
                     "levels": m.levels, "cut": m.cut, "questions": len(qs),
                     "bytes_up": statistics.mean(a.bytes_up for a in answers),
                     "bytes_up_16bit": statistics.mean(a.bytes_up_fp16 for a in answers),
@@ -104,10 +108,13 @@ def _per_training_step(ctx: BenchContext, model_dir, steps: int) -> list[dict]:
 def run(ctx: BenchContext) -> Section:
     n = 14 if ctx.quick else 140
     model_dir = fixtures.the_model(ctx, 4)
-    bundles = {"2-bit": fixtures.bundle_of(ctx, model_dir)}
-    if ctx.model is None:
-        bundles["16-bit"] = fixtures.bundle_of(ctx, fixtures.trained_model(ctx, None))
-    q_rows = [r for b in bundles.values() for r in _per_question(ctx, b, n)]
+    bundle = fixtures.bundle_of(ctx, model_dir)
+    q_rows = _per_question(ctx, bundle, n)
+    if BundleManifest.load(bundle).prompt_ids:  # the same model with its prompt as codes, for comparison
+        q_rows += _per_question(ctx, fixtures.bundle_of(ctx, model_dir, prompt_ids=False), n,
+                                name="packed, prompt as codes")
+    if ctx.model is None:  # 16-bit hidden states at every position: what a split without edgeqtl's coding sends
+        q_rows += _per_question(ctx, fixtures.bundle_of(ctx, fixtures.trained_model(ctx, None), prompt_ids=False), n)
     for r in q_rows:  # bits per element: whole frames over positions x hidden size
         r["bits_per_element"] = 8 * r["bytes_up"] / (r["positions"] * r["hidden_size"])
     t_rows = _per_training_step(ctx, model_dir, 3 if ctx.quick else 20)
@@ -136,9 +143,10 @@ def run(ctx: BenchContext) -> Section:
                 "\"Same as 16-bit\" is the same frames carrying 16-bit hidden states (headers included); bits per "
                 "element are the frames' bits over prompt positions times the hidden size at the cut. TCP bytes are "
                 "counted by a relay between the device and the broker: they add MQTT's headers, the topic names and "
-                "the acknowledgements, and downlink is the answer frame. Plain 2-bit packing is 12.5% of the 16-bit "
-                "payload, so with headers the packed frames save slightly less than 87.5%; entropy coding can pass it "
-                "when the codes are skewed.\n\n"
+                "the acknowledgements, and downlink is the answer frame. With the prompt as codes, plain 2-bit packing "
+                "is 12.5% of the 16-bit payload, so with headers those frames save slightly less than 87.5%; at cut 0 "
+                "the default sends the prompt's text as token ids (4 bytes each) and only the image positions as "
+                "codes, which passes it, and entropy coding can pass it when the codes are skewed.\n\n"
                 f"Per split-training step (in one process, real frames, {t_rows[0]['steps']} steps):\n\n{t_table}\n")
     headline = [(f"uplink per question, {r['frames']}, cut {r['cut']}",
                  f"{r['bytes_up']:,.0f} B ({100 * r['saved_vs_16bit']:.1f}% below 16-bit)") for r in q_rows
