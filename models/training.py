@@ -32,7 +32,7 @@ from edgeqtl.imageproc import ImageSpec
 from .batches import Batch, Collator, image_spec_of
 from .checkpoint import save_checkpoint
 from .evaluation import evaluate
-from .quantizer import commitment_loss, dequantise
+from .quantizer import commitment_loss, dequantise, soft_rate_bits
 from .split import SplitModel
 from .steps import adamw, client_backward, lr_at, server_step
 
@@ -47,6 +47,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     commitment: float = 0.1
+    # lambda of the rate term: the loss adds rate_weight x the codes' estimated bits per
+    # element (quantizer.soft_rate_bits) over the positions that go up as codes
+    rate_weight: float = 0.0
     vision_steps: int = 300
     vision_lr: float = 3e-3
     probe_weight: float = 0.3
@@ -184,6 +187,15 @@ def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_i
     return torch.gather(values, 1, idx.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
+def sent_positions(model: SplitModel, batch: Batch) -> torch.Tensor:
+    """(B, T) bool: the positions that go up as codes (at cut 0 the image positions alone:
+    the prompt's text goes as ids)."""
+    sent = batch.attention_mask.bool()
+    if model.split.cut == 0:
+        sent = sent & (batch.input_ids == model.client.image_token_id)
+    return sent
+
+
 def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
     """One forward/backward through the wire path, as split training takes it
     (models.steps): the server sees only the wire tensor and the attention mask, the
@@ -284,8 +296,18 @@ def train(model: SplitModel, source, cfg: TrainConfig, out_dir: str | Path | Non
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        aux = (lambda out: cfg.probe_weight * probe_loss(out, batch)) if cfg.probe_weight > 0 and probe else None
+        rate = {}
+
+        def aux(out, batch=batch):
+            loss = cfg.probe_weight * probe_loss(out, batch) if cfg.probe_weight > 0 and probe else 0.0
+            if cfg.rate_weight > 0 and model.split.quantizer == "fsq":
+                r = soft_rate_bits(out.values[sent_positions(model, batch)], model.split.levels)
+                rate["bits"] = r.item()
+                loss = loss + cfg.rate_weight * r
+            return loss
         rec = wire_step(model, batch, cfg.commitment, aux)
+        if rate:
+            rec["rate_bits"] = rate["bits"]
         sampler.update([ex.category for ex in batch.examples], rec.pop("per_sample"))
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

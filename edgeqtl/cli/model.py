@@ -49,6 +49,9 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 @click.option("--clip-sigmas", type=click.FloatRange(0, 10, min_open=True), default=None,
               help="Quantizer normalisation range in sigmas (default: Gaussian-optimal for the levels, "
                    "1.49 at 2 bits; see docs/TRAINING.md).")
+@click.option("--rate-weight", type=click.FloatRange(0), default=None,
+              help="From scratch: lambda of the rate term, the codes' estimated bits per element added to the loss "
+                   "(docs/RATE.md). 0 (default): off.")
 @click.option("--trainable", default="quantizer", show_default=True,
               help="With --model: what trains, from quantizer, projector, lora (adapters on the trunk's first "
                    "layers after the cut).")
@@ -61,8 +64,8 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, levels, baseline, steps, vision_steps,
-          probe, curriculum_steps, batch_size, lr, clip_sigmas, trainable, bf16, eval_every, seed, threads, checkpoint_every, out,
-          quiet):
+          probe, curriculum_steps, batch_size, lr, clip_sigmas, rate_weight, trainable, bf16, eval_every, seed, threads,
+          checkpoint_every, out, quiet):
     """Train a split model in one process, through the very path the wire takes (codes
     up, the gradient at the codes back).
 
@@ -92,6 +95,10 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
     split = split_config_from(cut, bits, levels, baseline, clip_sigmas)
     given = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
     opts = jobs.DataOptions(data, eval_data, image_root, skip_bad) if data is not None else None
+    if model_dir is not None and rate_weight:
+        raise UserError("--rate-weight trains from scratch (--preset); quantizer adaptation does not take it yet")
+    if rate_weight:
+        given["rate_weight"] = rate_weight
     if model_dir is not None:
         if data is None:
             raise UserError("quantizer adaptation needs your data: --data FILE (LLaVA records; `edgeqtl data "
@@ -183,9 +190,13 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
 @click.option("--batch-size", type=int, default=None,
               help="PyTorch batch while calibrating and verifying (default: 64 rows for short sequences, fewer for long "
                    "ones; 2 at real size).")
+@click.option("--prompt-ids/--prompt-codes", "prompt_ids", default=None,
+              help="At cut 0 (the default there): the prompt's text goes up as token ids and the server embeds "
+                   "them, so the device bundle has no token-embedding table. --prompt-codes: the text as codes too "
+                   "(for servers older than protocol version 2).")
 @user_errors
 def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family, calibration_data,
-           calibration_samples, verify_samples, batch_size):
+           calibration_samples, verify_samples, batch_size, prompt_ids):
     """Compile the client half into an ONNX device bundle, plus the server half.
     --cut/--bits/--levels apply to a plain checkpoint; a trained model keeps its own.
 
@@ -199,7 +210,9 @@ def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family,
 
     res = export_bundle(ExportOptions(model_dir, out, cut, levels_from(bits, levels), target, verify,
                                       verify_per_family, calibration_data, calibration_samples, verify_samples,
-                                      batch_size), progress=click.echo)
+                                      batch_size, prompt_ids), progress=click.echo)
+    if res.manifest.prompt_ids:
+        click.echo("prompt ids: the text goes up as token ids; the bundle has no token-embedding table")
     m = res.manifest
     click.echo(f"bundle {out}: cut {m.cut}, {m.quantizer} {m.levels if m.quantizer == 'fsq' else ''} levels, "
                f"target {m.target}, fingerprint {m.fingerprint[:16]}, {res.seconds:.1f} s")
@@ -266,3 +279,86 @@ def zoo(name, out, scale):
     path = models_zoo.build(name, out, scale)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     click.echo(f"{name} (scale {scale:g}) -> {path}: {size / 2**30:.2f} GiB, peak RSS {peak_rss_mb():.0f} MB")
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="A trained split model (its quantizer's input is measured), or a plain checkpoint.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Images like the device's: a folder of images or a LLaVA data file (default: the model's world).")
+@click.option("--samples", type=click.IntRange(4), default=128, show_default=True,
+              help="Questions the client half runs on (half fit the entropy model, half measure it).")
+@click.option("--target-bits", type=click.FloatRange(0, min_open=True), default=None,
+              help="Recommend the least distortion within this many bits per element on the wire (default 2).")
+@click.option("--target-distortion", type=click.FloatRange(0, min_open=True), default=None,
+              help="Instead: recommend the fewest bits whose relative MSE is at most this.")
+@click.option("--levels", "level_range", default="2-16", show_default=True, help="Level counts to measure: A-B.")
+@click.option("--clip-sigmas", type=click.FloatRange(0, min_open=True), default=None,
+              help="One clip range for every L (default: each L's own, as the quantizer uses).")
+@click.option("--prompt-ids/--prompt-codes", "prompt_ids", default=None,
+              help="At cut 0 (the default there) only the image positions go up as codes, and only they are "
+                   "measured.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for calibration.json and calibration.png.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@user_errors
+def calibrate(model_dir, data, samples, target_bits, target_distortion, level_range, clip_sigmas, prompt_ids,
+              batch_size, out, threads):
+    """Choose the number of quantizer levels from measured rate and distortion: for each
+    L, the distortion after the quantizer, the codes' entropy, the bytes the rANS coder
+    really sends (headers included) and the Gaussian bound; a recommendation for a
+    target rate or distortion (docs/RATE.md).
+
+    \b
+    Example:
+      edgeqtl calibrate --model runs/tiny-2bit --out runs/calib --target-bits 1.5
+      edgeqtl calibrate --model runs/mine --data data/mine.jsonl --target-distortion 0.05 --out runs/calib-mine
+    """
+    from tqdm import tqdm
+
+    from edgeqtl.export.calibration import user_samples, world_samples
+    from edgeqtl.models.batches import image_spec_of
+    from edgeqtl.models.load import load_prompts, load_split_model, world_of
+    from edgeqtl.models.rate import calibrate as run, plot
+
+    if target_bits is not None and target_distortion is not None:
+        raise UserError("give --target-bits or --target-distortion, not both")
+    try:
+        lo, hi = (int(x) for x in level_range.split("-"))
+    except ValueError:
+        raise UserError(f"--levels is A-B (e.g. 2-16), got {level_range!r}") from None
+    if not 2 <= lo <= hi <= 256:
+        raise UserError(f"--levels must lie within 2-256, got {level_range}")
+    set_threads(threads)
+    model = load_split_model(model_dir).eval()
+    if model.split.quantizer != "fsq":
+        raise UserError(f"{model_dir} is a {model.split.quantizer} split: it has no quantizer to calibrate")
+    if prompt_ids is None:
+        prompt_ids = model.split.cut == 0
+    if prompt_ids and model.split.cut != 0:
+        raise UserError(f"--prompt-ids is for cut 0; this model is split at cut {model.split.cut}")
+    prompts = load_prompts(model_dir, model)
+    picked = user_samples(data, samples) if data is not None else \
+        world_samples(samples, heldout=False, world=world_of(model_dir))
+    bar = tqdm(total=len(picked), desc="client half", dynamic_ncols=True)
+    cal = run(model, picked, prompts, image_spec_of(model), batch_size, prompt_ids, range(lo, hi + 1), clip_sigmas,
+              target_bits, target_distortion, bar.update)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2))
+    plot(cal, out / "calibration.png")
+    click.echo(f"{cal.samples} samples, {cal.elements:,} code elements ({cal.code_dim} per position)"
+               f"{'; image positions only (prompt ids)' if prompt_ids else ''}; the model was trained at "
+               f"{cal.trained_levels} levels")
+    click.echo(f"{'L':>3} {'clip':>5} {'rel MSE':>9} {'cosine':>7} {'entropy':>8} {'model':>7} {'rANS':>7} "
+               f"{'wire':>7} {'packed':>7} {'bound@wire':>10}")
+    for r in cal.rows:
+        mark = "  <- recommended" if r.levels == cal.recommended else ""
+        click.echo(f"{r.levels:>3} {r.clip_sigmas:>5.2f} {r.distortion:>9.4f} {r.cosine:>7.4f} {r.entropy_bits:>8.3f} "
+                   f"{r.model_bits:>7.3f} {r.rans_payload_bits:>7.3f} {r.wire_bits:>7.3f} {r.packed_bits:>7.3f} "
+                   f"{r.bound_distortion:>10.4f}{mark}")
+    click.echo("bits per element: entropy, empirical; model, under the fitted entropy model; rANS, the coder's "
+               "payload; wire, frames per question with headers (packing where smaller). rel MSE: of the "
+               "standardised signal, after the best gain per dimension")
+    click.echo(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
