@@ -71,6 +71,11 @@ class DeviceClient:
     def encode(self, image, prompt: str):
         """-> (wire array (1, T, D), attention mask (1, T), KV cache list). A prompt-ids
         bundle (cut 0) gives the image positions' codes alone, (1, N, D)."""
+        wire, _, mask, past = self._encode(image, prompt)
+        return wire, mask, past
+
+    def _encode(self, image, prompt: str):
+        """encode(), with the prompt's ids (1, T) too: -> (wire, ids, mask, past)."""
         img = load_image(image) if isinstance(image, (str, Path)) else image
         pix = preprocess(img, self.manifest.image)
         ids, mask = self.prompts.encode([prompt])
@@ -79,9 +84,9 @@ class DeviceClient:
             raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
                               f"{limit} (its answer needs room too); shorten the prompt")
         if self.manifest.prompt_ids:
-            return self.prefill.run(None, {"pixel_values": pix})[0], mask, []
+            return self.prefill.run(None, {"pixel_values": pix})[0], ids, mask, []
         out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
-        return out[0], mask, out[1:]
+        return out[0], ids, mask, out[1:]
 
     def encode_token(self, token_id: int, mask: np.ndarray, past: list):
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
@@ -139,8 +144,7 @@ class DeviceClient:
                       request_id: bytes | None = None) -> Frame:
         """The INFER_REQUEST of one question, whole (no image by reference): for drivers
         and tests that talk to a server frame by frame."""
-        wire, _, _ = self.encode(image, prompt)
-        ids, _ = self.prompts.encode([prompt])
+        wire, ids, _, _ = self._encode(image, prompt)
         saved, self.reuse_images = self.reuse_images, False
         try:
             return self.prompt_request(wire, ids, options, request_id or new_request_id())[0]
@@ -161,8 +165,7 @@ class DeviceClient:
         starts again from the prompt on whichever agent takes it, at most `restarts` times.
         """
         t0 = time.perf_counter()
-        wire, mask, past = self.encode(image, prompt)
-        ids, _ = self.prompts.encode([prompt])
+        wire, ids, mask, past = self._encode(image, prompt)
         sent = _Sent(tokens=_Tokens(on_token, t0))
         options = options or InferOptions()
         for attempt in range(restarts + 1):
