@@ -140,6 +140,11 @@ class DeviceClient:
         options = dataclasses.replace(options, image=ImageRef(at, n, digest))
         return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
 
+    def forget_server(self, server_id: str | None) -> None:
+        """Drop every image reference held by `server_id` (it stopped answering)."""
+        for digest in [d for d, (held_by, _) in self._images.items() if held_by == server_id]:
+            del self._images[digest]
+
     def request_frame(self, image, prompt: str, options: InferOptions = InferOptions(),
                       request_id: bytes | None = None) -> Frame:
         """The INFER_REQUEST of one question, whole (no image by reference): for drivers
@@ -196,6 +201,7 @@ class DeviceClient:
             except RequestTimeout as e:
                 if by_ref and frame.kind == FrameKind.INFER_REQUEST:  # the server holding the image is gone
                     log.info("the server holding the image did not answer (%s); sending it again", e)
+                    self.forget_server(server_id)  # its other images too: one wait, not one per image
                     rid = new_request_id()
                     frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True)
                     continue

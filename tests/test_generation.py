@@ -227,6 +227,25 @@ def test_a_second_question_by_digest_answers_as_a_full_resend_and_a_miss_resends
     assert engine.images.hits == 2 and engine.images.misses == 1
 
 
+def test_a_server_gone_silent_costs_one_wait_not_one_per_image_it_held(bundle, mosquitto, caplog):
+    """Two images held by a server that then disappears: the first question after waits
+    once, and the device forgets the other image's reference too."""
+    import logging
+
+    client = DeviceClient(bundle)
+    cfg = BrokerConfig(port=mosquitto.port)
+    images = [s.image for s in shapes.heldout(2)]
+    with RequestClient(cfg, "pi-gone") as t:
+        with ServerAgent(_engine(bundle, max_new_tokens=2), cfg, client_id="srv-gone"):
+            for image in images:
+                assert not client.ask(t, image, "what color is the circle ?").image_by_reference
+        with ServerAgent(_engine(bundle, max_new_tokens=2), cfg), caplog.at_level(logging.INFO, "edgeqtl.device"):
+            answers = [client.ask(t, image, "is there a square ?", timeout=1.5) for image in images]
+    assert not any(a.image_by_reference for a in answers)
+    waits = [r for r in caplog.records if "did not answer" in r.getMessage()]
+    assert len(waits) == 1, [r.getMessage() for r in waits]
+
+
 def test_two_bundles_are_served_by_one_agent(bundle0, tmp_path, mosquitto):
     other = _export(tmp_path / "b", 0, seed=11)
     stranger = DeviceClient(bundle0)

@@ -102,15 +102,20 @@ def _timed_device_client(bundle, entropy: bool):
             super().__init__(*args, **kwargs)
             self.clock = _ComputeClock()
 
-        def _timed(self, method, *args):
+        def _timed(self, method, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return method(*args)
+                return method(*args, **kwargs)
             finally:
                 self.clock.add(time.perf_counter() - t0)
 
-        def encode(self, image, prompt):
-            return self._timed(super().encode, image, prompt)
+        # ask() runs _encode (graph), prompt_request (packing) and, at cut > 0, encode_token
+        # and frame for each decode step: the four are the device's compute.
+        def _encode(self, image, prompt):
+            return self._timed(super()._encode, image, prompt)
+
+        def prompt_request(self, *args, **kwargs):
+            return self._timed(super().prompt_request, *args, **kwargs)
 
         def encode_token(self, token_id, mask, past):
             return self._timed(super().encode_token, token_id, mask, past)
