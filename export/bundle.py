@@ -30,7 +30,7 @@ from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 from .calibration import fit_entropy_model, user_samples, world_samples
 from .graphs import export_decode, export_image, export_prefill, kv_shape
 from .variants import OPSET, convert_fp16, file_spec, graph_spec, in_child, quantize_int8
-from .verify import reference, verify_graphs
+from .verify import reference, server_predictor, verify_graphs
 
 
 @dataclasses.dataclass
@@ -141,6 +141,9 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if prompt_ids and split.cut != 0:
         raise CheckpointError(f"prompt ids need cut 0 (this split is at cut {split.cut}): at cut > 0 the text "
                               "positions pass through the device's layers; drop --prompt-ids")
+    if split.exact_text and not prompt_ids:
+        raise CheckpointError("this model's server embeds the prompt's text itself (exact text at cut 0: an "
+                              "adapted model); it needs the prompt as ids: drop --prompt-codes")
     if not trained:
         say(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
             "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
@@ -175,7 +178,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                             "max_context": max_context_of(model), "prompt_ids": prompt_ids,
                             "generation": generation_record(model_dir, model, prompts)})
     gate = read_split_meta(model_dir).get("step", 0) > 0
-    server = None if big else model.server  # small: kept, to compare answers too
+    predict = None if big else server_predictor(model)  # small: the server half kept, to compare answers too
     if big:
         _free_server_weights(model, prompt_ids)
     graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids)
@@ -194,7 +197,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
     if ref is not None:
         say(f"verifying {len(manifest.graphs)} graph(s) against PyTorch")
-        result.verification = verify_graphs(out, manifest, ref, server, gate_accuracy=gate)
+        result.verification = verify_graphs(out, manifest, ref, predict, gate_accuracy=gate)
     result.seconds = time.time() - t0
     result.peak_rss_mb = max(peak_rss_mb(), children_peak_rss_mb())
     return result

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from edgeqtl.device_agent.session import open_session
+from edgeqtl.models.split import last_positions
 
 from .calibration import Inputs, batches, client_codes
 
@@ -130,19 +131,34 @@ def reference(model, samples, prompts, image, batch_size: int, progress=None) ->
     return ref
 
 
-@torch.inference_mode()
-def _server_predictions(server, codes: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return server.next_logits(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask)).argmax(-1).numpy()
+def server_predictor(model):
+    """predict(codes, input_ids, mask) -> each row's next token from the PyTorch server
+    half, as the server agent computes it (under exact_text, the text positions from the
+    embedding table; the closure keeps only the server half and that table)."""
+    server, embed, image_id = model.server, model.client.embed_tokens, model.client.image_token_id
+
+    @torch.inference_mode()
+    def predict(codes: np.ndarray, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        wire, mask = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask)
+        if not server.split.exact_text:
+            return server.next_logits(wire, mask).argmax(-1).numpy()
+        ids = torch.from_numpy(input_ids)
+        is_image = ids == image_id
+        h = server.with_exact_text(server.decoder_q(server.receive(wire)), embed(torch.where(is_image, 0, ids)),
+                                   is_image)
+        return server.forward_hidden(h, mask, positions=last_positions(h))[:, -1].argmax(-1).numpy()
+
+    return predict
 
 
-def verify_graphs(bundle_dir, manifest, ref: Reference, server=None, gate_accuracy: bool = True,
+def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accuracy: bool = True,
                   threads: int = 2) -> VerifyReport:
-    """Each graph variant against the reference. `server` (the PyTorch server half, or
-    None) adds the accuracy columns."""
-    has_answers = server is not None and any((a >= 0).any() for a in ref.answer_ids)
+    """Each graph variant against the reference. `predict` (server_predictor, or None)
+    adds the accuracy columns."""
+    has_answers = predict is not None and any((a >= 0).any() for a in ref.answer_ids)
     torch_acc = None
     if has_answers:
-        hits = [(_server_predictions(server, c, x.attention_mask) == a)[a >= 0]
+        hits = [(predict(c, x.input_ids, x.attention_mask) == a)[a >= 0]
                 for c, x, a in zip(ref.codes, ref.inputs, ref.answer_ids)]
         torch_acc = float(np.concatenate(hits).mean())
     rows = []
@@ -162,7 +178,7 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, server=None, gate_accura
                 agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None],
                                                                 codes.shape)))
             if has_answers:
-                hits.append((_server_predictions(server, out, x.attention_mask) == answers)[answers >= 0])
+                hits.append((predict(out, x.input_ids, x.attention_mask) == answers)[answers >= 0])
         exact, near = np.mean(agree, axis=0).tolist()
         rows.append(VerifyRow(f"prefill/{g.variant}", exact, near,
                               float(np.concatenate(hits).mean()) if has_answers else None, torch_acc,

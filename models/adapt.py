@@ -7,13 +7,18 @@ quantizer: the teacher). The loss, over the answer positions only:
 
     KL(teacher || student) at temperature T, x T^2
     + ce_weight x cross-entropy on the answer, for records that have one
-    + recon_weight x the decoder's output against the teacher's hidden states, every token
+    + recon_weight x the decoder's output against the teacher's hidden states, every
+      quantized token
     + commitment x the quantizer's cosine commitment loss
 
 A record without an answer is answered once by the teacher (greedy, cached), and its
 KL is taken over that answer. `trainable` opens more than the quantizer: the projector
 (the teacher keeps a frozen copy) and LoRA adapters on the first trunk layers after the
 cut (models/lora.py; switched off for the teacher, merged into the weights when saved).
+
+At cut 0 the split is `exact_text` (models/split.py): the prompt's ids go up anyway, so
+the trunk gets the text's own embeddings, as it did in pretraining, and the codes carry
+the image alone.
 
 The quantizer starts warm: a square in_proj starts as the identity, and the decoder as
 the least-squares map from the codes back to the hidden states of a first batch, so
@@ -108,6 +113,15 @@ def _key(ex: Example) -> str:
     return getattr(ex.source, "id", None) or str(id(ex.source))
 
 
+def quantized_positions(model: SplitModel, batch: Batch) -> torch.Tensor:
+    """(B, T) bool: the positions whose hidden states the trunk gets through the codes
+    (under `exact_text`, the image positions alone)."""
+    keep = batch.attention_mask.bool()
+    if model.split.exact_text:
+        keep = keep & (batch.input_ids == model.client.image_token_id)
+    return keep
+
+
 @torch.no_grad()
 def warm_start(model: SplitModel, batch: Batch) -> None:
     """A square in_proj as the identity; the decoder as the least-squares map from the
@@ -122,7 +136,7 @@ def warm_start(model: SplitModel, batch: Batch) -> None:
         enc.in_proj.bias.zero_()
     h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
     codes, _ = enc(h)
-    keep = batch.attention_mask.bool()
+    keep = quantized_positions(model, batch)
     z = dequantise(codes, model.split.levels)[keep]
     z1 = torch.cat([z, torch.ones(len(z), 1)], dim=1)
     sol = torch.linalg.lstsq(z1.double(), h[keep].double()).solution.float()  # (code_dim + 1, hidden)
@@ -191,9 +205,10 @@ class Adapter:
                 h = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
             codes, n = model.client.encoder(h)
             values = n + (dequantise(codes, model.split.levels, n.dtype) - n).detach()  # straight through
-            h_hat = model.server.decoder_q(values)
+            h_hat = model.server.with_exact_text(model.server.decoder_q(values), h,
+                                                 batch.input_ids == model.client.image_token_id)
             s_logits = model.server.forward_hidden(h_hat, mask, positions=pos, checkpointing=cfg.checkpointing).float()
-        keep = mask.bool()
+        keep = quantized_positions(model, batch)
         target = h_teacher[keep].float()
         recon = F.mse_loss(h_hat[keep].float(), target) / target.var().clamp(min=1e-8)
         T = cfg.temperature

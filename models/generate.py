@@ -39,7 +39,11 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
 
 def _step(model: SplitModel, ids, mask, pixels, c_cache: KVCache, s_cache: KVCache, quantized: bool):
     """The next token's logits (B, V)."""
-    if quantized:
-        return model.server.next_logits(model.client(ids, mask, pixels, c_cache).wire, mask, s_cache)
     h = model.client.hidden(ids, mask, pixels, c_cache)
+    if quantized:
+        wire = model.client.to_wire(h).wire
+        if not model.split.exact_text:
+            return model.server.next_logits(wire, mask, s_cache)
+        decoded = model.server.decoder_q(model.server.receive(wire))
+        h = model.server.with_exact_text(decoded, h, ids == model.client.image_token_id)
     return model.server.forward_hidden(h, mask, s_cache, last_positions(h))[:, -1]

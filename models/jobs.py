@@ -132,6 +132,8 @@ def adapt_records(model_dir: Path, split: SplitConfig, cfg, opts: DataOptions, o
     from .adapt import adapt
     from .load import load_prompts, load_split_model
 
+    if split.cut == 0 and split.quantizer == "fsq":
+        split = dataclasses.replace(split, exact_text=True)  # the trunk keeps the text's own embeddings
     model = load_split_model(model_dir, split)
     prompts = load_prompts(model_dir, model)
     echo(f"adapting a {model.split.levels}-level quantizer to {model_dir} at cut {model.split.cut}, "

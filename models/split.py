@@ -46,6 +46,10 @@ class SplitConfig:
     levels: int = 4
     code_dim: int | None = None  # None: the LLM's hidden size
     clip_sigmas: float | None = None  # normalisation range; None: the default for `levels` (quantizer.py)
+    # Cut 0 only: the prompt's text reaches the trunk as its own embeddings (the server
+    # embeds the prompt ids, which go up anyway) and only the image positions are
+    # quantized. What a pretrained trunk has seen; quantizer adaptation sets it.
+    exact_text: bool = False
 
     def __post_init__(self):
         if self.quantizer not in WIRE_MODES:
@@ -58,6 +62,9 @@ class SplitConfig:
             self.clip_sigmas = default_clip_sigmas(self.levels)
         if self.clip_sigmas is not None and not 0 < self.clip_sigmas <= 10:
             raise UnsupportedModelError(f"clip_sigmas must be in (0, 10], got {self.clip_sigmas}")
+        if self.exact_text and (self.cut != 0 or self.quantizer != "fsq"):
+            raise UnsupportedModelError("exact_text needs a quantized split at cut 0: at cut > 0 the text "
+                                        "positions pass through the device's layers and go up as codes")
 
     @property
     def bits_per_symbol(self) -> float:
@@ -279,6 +286,13 @@ class ServerHalf(nn.Module):
         real vocabulary's logits at every position are large)."""
         h = self.decoder_q(values) if self.decoder_q is not None else values
         return self.forward_hidden(h, attention_mask, cache, positions, checkpointing)
+
+    def with_exact_text(self, decoded: torch.Tensor, exact: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """The trunk's input under `exact_text`: the decoded codes at the image positions,
+        the text's own embeddings elsewhere. Without it, `decoded` everywhere."""
+        if not self.split.exact_text:
+            return decoded
+        return torch.where(is_image.unsqueeze(-1), decoded, exact.to(decoded.dtype))
 
     def forward_hidden(self, h, attention_mask, cache: KVCache | None = None, positions=None,
                        checkpointing: bool = False) -> torch.Tensor:

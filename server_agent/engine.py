@@ -2,7 +2,9 @@
 
 cut = 0: the device sends the quantized prompt; the server also holds a token encoder
 (the embedding table and the quantizer encoder, nothing private), so it generates the
-whole answer on its own: one round trip per question.
+whole answer on its own: one round trip per question. A split with `exact_text` (an
+adapted pretrained model) takes the prompt as ids only: its text enters the trunk as the
+embeddings themselves, and only the image's codes pass through the quantizer decoder.
 
 cut > 0: the device's layers hold a KV cache, so each new token is a round trip:
     INFER_REQUEST (prompt codes)  -> NEXT_TOKEN {token_id, step: 1}
@@ -39,7 +41,7 @@ from edgeqtl.codec import EntropyModel
 from edgeqtl.errors import CodedError
 from edgeqtl.wire import (Codec, Frame, FrameKind, Part, ProtocolError, error_frame, image_digest, json_frame,
                           parse_infer_request, tokens_frame)
-from edgeqtl.models.split import KVCache
+from edgeqtl.models.split import KVCache, last_positions
 
 from .image_cache import ImageCache
 from .sampling import Decoding, GenerationSettings
@@ -146,6 +148,10 @@ class GenerationEngine:
         decoding = self.settings.resolve(options, frame.request_id)
         if req.prompt_ids is not None:
             return self._with_prompt_ids(frame, req, decoding)
+        if self.split.exact_text:
+            raise CodedError("bad_request", "this server half embeds the prompt's text itself (an adapted model: "
+                                            "exact text at cut 0); send the prompt as ids, with a bundle exported "
+                                            "with --prompt-ids")
         ref = options.image
         if ref is None:
             return self._tensor(self.wire_tensor(part)), decoding, None
@@ -204,9 +210,17 @@ class GenerationEngine:
                 cached = ref.digest
         safe = torch.from_numpy(np.where(is_image, 0, ids).astype(np.int64))[None].to(self.device)
         with torch.no_grad():
-            wire = self.token_encoder(safe).clone()
-        wire[0, torch.from_numpy(is_image).to(self.device)] = self._tensor(image).to(wire.dtype)
+            wire = self._encode_tokens(safe).clone()
+            image = self._tensor(image)
+            if self.split.exact_text:  # the server's input is hidden states: decode the image's codes here
+                image = self.server.decoder_q(self.server.receive(image))
+        wire[0, torch.from_numpy(is_image).to(self.device)] = image.to(wire.dtype)
         return wire, decoding, cached
+
+    def _encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text tokens as the trunk's input at cut 0: what the device would have sent (their
+        codes) or, under exact_text, their own embeddings."""
+        return self.token_encoder.embed(ids) if self.split.exact_text else self.token_encoder(ids)
 
     # ---------------------------------------------------------------- frames
     def handle(self, frame: Frame) -> Frame:
@@ -284,6 +298,8 @@ class GenerationEngine:
     # ---------------------------------------------------------------- model steps
     @torch.no_grad()
     def _logits(self, wire: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.split.exact_text:  # hidden states at the cut (_with_prompt_ids)
+            return self.server.forward_hidden(wire, mask, cache, last_positions(wire))[:, -1]
         return self.server.next_logits(wire, mask, cache)
 
     def _add(self, s: Session, logits_row: torch.Tensor) -> None:
@@ -346,7 +362,7 @@ class GenerationEngine:
                         self._stream(s)
                 last = torch.tensor([[s.tokens[-1]] for s in sessions], device=self.device)
                 mask = torch.cat([mask, mask.new_ones(len(sessions), 1)], dim=1)
-                logits = self._logits(self.token_encoder(last), mask, cache)
+                logits = self._logits(self._encode_tokens(last), mask, cache)
                 for row, s in enumerate(sessions):
                     s.mask = torch.cat([s.mask, s.mask.new_ones(1, 1)], dim=1)
                     if not self._done(s):

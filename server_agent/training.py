@@ -123,6 +123,12 @@ class TrainingService:
 
     def __init__(self, model, cfg: SplitTrainConfig, state_dir: str | Path | None = None, num_devices: int = 1,
                  fingerprint: bytes = bytes(16)):
+        if model.split.exact_text:
+            # Split training sends every position as codes; an exact-text split's trunk expects the text's
+            # own embeddings there, so training on it would teach the trunk the wrong input.
+            raise ValueError("this model keeps the prompt's text exact at cut 0 (an adapted model); split "
+                             "training sends every position as codes: start it from a --preset model or a "
+                             "checkpoint without an adapted quantizer")
         self.model = model
         self.server = model.server.train()
         self.cfg = cfg

@@ -419,3 +419,34 @@ def test_device_runner_logs_one_json_line_per_job(tmp_path, caplog):
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "edgeqtl.device.jobs"]
     assert [(x["id"], x["ok"]) for x in logged] == [("a", True), ("b", False), ("job-3", False)]
     assert logged[0]["bytes_up"] == 300 and logged[0]["event"] == "job" and "error" in logged[1]
+
+
+# --------------------------------------------------------------------------- exact text
+
+
+def test_an_exact_text_split_answers_on_the_server_as_in_process(tmp_path):
+    """An adapted model's split (exact_text): the server embeds the prompt ids itself and
+    decodes only the image's codes, and its answer is the in-process one, token for token."""
+    from edgeqtl.errors import EdgeqtlError
+    from edgeqtl.models.batches import Collator, image_spec_of, world_example
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.generate import generate
+    from edgeqtl.models.load import load_prompts
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitConfig, SplitModel, UnsupportedModelError
+
+    model = SplitModel(build_tiny(5), SplitConfig(cut=0, levels=4, exact_text=True))
+    save_checkpoint(model, tmp_path / "model")
+    export_bundle(ExportOptions(tmp_path / "model", tmp_path / "bundle", verify=False), progress=None)
+    engine = _engine(tmp_path / "bundle")
+    assert engine.split.exact_text
+    s = shapes.heldout(1)[0]
+    served = _answer(engine, _request(DeviceClient(tmp_path / "bundle")))["token_ids"]
+    collate = Collator(load_prompts(tmp_path / "model", model), image_spec_of(model))
+    batch = collate([world_example(s)], with_answer=False)
+    assert served == generate(model, batch, 8, {NEVER})[0] and len(served) == 8
+    with pytest.raises(EdgeqtlError, match="--prompt-codes"):
+        export_bundle(ExportOptions(tmp_path / "model", tmp_path / "codes", verify=False, prompt_ids=False),
+                      progress=None)
+    with pytest.raises(UnsupportedModelError, match="cut 0"):
+        SplitConfig(cut=2, exact_text=True)

@@ -110,6 +110,7 @@ def test_quantizer_adaptation_keeps_the_vlm_frozen_and_answers_unanswered_record
     assert "12 answered by the unsplit model" in r.output and "s per step" in r.output and "peak RSS" in r.output
     before, after = load_split_model(base), load_split_model(out)
     assert after.split.quantizer == "fsq" and after.split.levels == 4
+    assert after.split.exact_text  # at cut 0 the trunk keeps the text's own embeddings
     frozen = {k: v for k, v in before.llava.state_dict().items()}
     for k, v in after.llava.state_dict().items():
         assert torch.equal(v, frozen[k]), f"{k} changed: the VLM must stay frozen"
