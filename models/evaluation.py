@@ -64,8 +64,7 @@ def wire_nbytes(model: SplitModel, n_tokens: int) -> int:
 @torch.no_grad()
 def predict(model: SplitModel, batch: Batch) -> torch.Tensor:
     """Greedy next token after each prompt (the first answer word)."""
-    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    return model.server.next_logits(out.wire, batch.attention_mask).argmax(-1)
+    return model.next_logits(batch.input_ids, batch.attention_mask, batch.pixel_values).argmax(-1)
 
 
 @torch.no_grad()

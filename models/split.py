@@ -354,6 +354,20 @@ class SplitModel:
         n = (vc.image_size // vc.patch_size) ** 2 + (1 if _has_cls(vc) else 0)
         return n - (1 if self.parts.feature_strategy == "default" else 0)
 
+    def next_logits(self, input_ids, attention_mask, pixel_values=None, client_cache: KVCache | None = None,
+                    server_cache: KVCache | None = None, quantized: bool = True) -> torch.Tensor:
+        """(B, V) the next token's logits after each row, in one process. quantized: through
+        the wire, as a deployment answers (under exact_text the text positions keep their
+        own embeddings, as the server agent does with prompt ids); else the unsplit model."""
+        h = self.client.hidden(input_ids, attention_mask, pixel_values, client_cache)
+        if quantized:
+            wire = self.client.to_wire(h).wire
+            if not self.split.exact_text:
+                return self.server.next_logits(wire, attention_mask, server_cache)
+            decoded = self.server.decoder_q(self.server.receive(wire))
+            h = self.server.with_exact_text(decoded, h, input_ids == self.client.image_token_id)
+        return self.server.forward_hidden(h, attention_mask, server_cache, last_positions(h))[:, -1]
+
     def parameters(self):
         yield from self.client.parameters()
         yield from self.server.parameters()
