@@ -43,6 +43,7 @@ from edgeqtl.errors import CodedError
 from edgeqtl.wire import (Frame, FrameKind, ProtocolError, array_part, decode_frame, encode_frame, error_frame,
                           gradient_part, json_frame, json_part, parse_train_request, tensors_frame)
 from edgeqtl.models.checkpoint import SERVER_STATE, load_optimizer, load_state, optimizer_tensors, save_state
+from edgeqtl.models.split import UnsupportedModelError
 from edgeqtl.models.steps import SplitTrainConfig, adamw, lr_at, server_step
 
 WAL_FILE = "server.wal"
@@ -126,7 +127,7 @@ class TrainingService:
         if model.split.exact_text:
             # Split training sends every position as codes; an exact-text split's trunk expects the text's
             # own embeddings there, so training on it would teach the trunk the wrong input.
-            raise ValueError("this model keeps the prompt's text exact at cut 0 (an adapted model); split "
+            raise UnsupportedModelError("this model keeps the prompt's text exact at cut 0 (an adapted model); split "
                              "training sends every position as codes: start it from a --preset model or a "
                              "checkpoint without an adapted quantizer")
         self.model = model

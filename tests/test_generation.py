@@ -450,3 +450,8 @@ def test_an_exact_text_split_answers_on_the_server_as_in_process(tmp_path):
                       progress=None)
     with pytest.raises(UnsupportedModelError, match="cut 0"):
         SplitConfig(cut=2, exact_text=True)
+    from edgeqtl.models.steps import SplitTrainConfig
+    from edgeqtl.server_agent.training import TrainingService
+
+    with pytest.raises(UnsupportedModelError, match="split training sends every position as codes"):
+        TrainingService(model, SplitTrainConfig())
