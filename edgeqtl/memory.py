@@ -8,14 +8,13 @@ import sys
 def peak_rss_mb() -> float:
     """The process's own peak resident set (VmHWM on Linux: unlike ru_maxrss it does not
     carry a parent's peak over exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _maxrss_mb(resource.RUSAGE_SELF)
+    peak = _proc_mb("/proc/self/status", "VmHWM:")
+    return peak if peak is not None else _maxrss_mb(resource.RUSAGE_SELF)
+
+
+def rss_mb() -> float | None:
+    """The process's resident set now (VmRSS), or None where unknown."""
+    return _proc_mb("/proc/self/status", "VmRSS:")
 
 
 def children_peak_rss_mb() -> float:
@@ -30,10 +29,15 @@ def _maxrss_mb(who: int) -> float:
 
 def available_mb() -> float | None:
     """Memory the kernel can give this process now (MemAvailable), or None where unknown."""
+    return _proc_mb("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_mb(path: str, key: str) -> float | None:
+    """A "Key: N kB" line of a /proc file, in MB; None where there is no such file."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -20,7 +20,7 @@ import torch
 
 from edgeqtl.worlds import get_world
 from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
-from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb
+from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, rss_mb
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
                                  read_split_meta)
@@ -125,7 +125,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     from tqdm import tqdm
 
     # each step's line carries the peak RSS so far: where memory goes at real size
-    say = (lambda line: progress(f"{line}  [peak RSS so far {peak_rss_mb() / 1024:.2f} GB]")) if progress \
+    say = (lambda line: progress(f"{line}  [RSS {(rss_mb() or 0) / 1024:.2f} GB, peak so far "
+                                 f"{peak_rss_mb() / 1024:.2f} GB]")) if progress \
         else (lambda line: None)
     if opts.target not in TARGETS:
         raise CheckpointError(f"target must be one of {TARGETS}, got {opts.target!r}")
@@ -150,7 +151,9 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     prompts = load_prompts(model_dir, model)
     text, image = text_spec(model, prompts), image_spec_of(model)
     big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
+    step = say if big else (lambda line: None)  # at real size, a line (with its memory) per step
     fp = fingerprint(model)
+    step("fingerprinted the weights")
     fit, check = _samples(opts, model_dir, big, say)
     # PyTorch's batch: activations grow with the sequence (729 image tokens: 64 rows ~3 GB)
     batch = opts.batch_size or (2 if big else max(1, min(64, 16384 // (model.num_image_tokens + 32))))
@@ -177,6 +180,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                      extra={"text": dataclasses.asdict(text), "entropy": entropy.to_list() if entropy else None,
                             "max_context": max_context_of(model), "prompt_ids": prompt_ids,
                             "generation": generation_record(model_dir, model, prompts)})
+    step("saved the server half")
     gate = read_split_meta(model_dir).get("step", 0) > 0
     predict = None if big else server_predictor(model)  # small: the server half kept, to compare answers too
     if big:
@@ -185,6 +189,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     hidden, layers = model.hidden_size, model.num_layers
     del model
     gc.collect()
+    step("freed the PyTorch model")
     graphs = _variants(graphs, out, opts.target, progress and say)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
@@ -198,6 +203,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if ref is not None:
         say(f"verifying {len(manifest.graphs)} graph(s) against PyTorch")
         result.verification = verify_graphs(out, manifest, ref, predict, gate_accuracy=gate)
+        step("verified")
     result.seconds = time.time() - t0
     result.peak_rss_mb = max(peak_rss_mb(), children_peak_rss_mb())
     return result
