@@ -17,6 +17,24 @@ def rss_mb() -> float | None:
     return _proc_mb("/proc/self/status", "VmRSS:")
 
 
+def release_freed_memory() -> None:
+    """Collect garbage, then hand the heap's free pages back to the kernel (glibc's
+    malloc_trim). Freed tensors below glibc's mmap threshold, which grows to 32 MB after
+    the first large free, otherwise stay in the process: at real size, gigabytes."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
 def children_peak_rss_mb() -> float:
     """The largest peak resident set of any finished child process (and its children)."""
     return _maxrss_mb(resource.RUSAGE_CHILDREN)

@@ -20,7 +20,7 @@ import torch
 
 from edgeqtl.worlds import get_world
 from edgeqtl.bundle import MANIFEST_FILE, TARGETS, BundleManifest, TextSpec
-from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, rss_mb
+from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, release_freed_memory, rss_mb
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
                                  read_split_meta)
@@ -120,8 +120,6 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     """Load, fit and verify with PyTorch, save the server half, export the client's fp32
     graphs, free PyTorch, make the variants, write the manifest, verify with ONNX Runtime:
     one model in memory at a time."""
-    import gc
-
     from tqdm import tqdm
 
     # each step's line carries the peak RSS so far: where memory goes at real size
@@ -136,7 +134,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if split.quantizer == "identity":
         raise CheckpointError("an identity split sends float32 hidden states; export a trained fsq or fp16 model")
     check_memory(model_dir)
-    model = load_split_model(model_dir, split).eval()
+    big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
+    model = load_split_model(model_dir, split, lean=big).eval()
     split = model.split  # code_dim resolved (None: the LLM's hidden size)
     prompt_ids = opts.prompt_ids if opts.prompt_ids is not None else split.cut == 0
     if prompt_ids and split.cut != 0:
@@ -150,7 +149,6 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
             "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
     prompts = load_prompts(model_dir, model)
     text, image = text_spec(model, prompts), image_spec_of(model)
-    big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
     step = say if big else (lambda line: None)  # at real size, a line (with its memory) per step
     fp = fingerprint(model)
     step("fingerprinted the weights")
@@ -188,7 +186,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids)
     hidden, layers = model.hidden_size, model.num_layers
     del model
-    gc.collect()
+    release_freed_memory()
     step("freed the PyTorch model")
     graphs = _variants(graphs, out, opts.target, progress and say)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
@@ -233,11 +231,9 @@ def _free_server_weights(model: SplitModel, prompt_ids: bool = False) -> None:
     for i in range(model.split.cut, len(decoder.layers)):
         decoder.layers[i] = torch.nn.Identity()
     model.server.layers = torch.nn.ModuleList()
-    if model.parts.lm_head.weight is not decoder.embed_tokens.weight:
-        model.parts.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    import gc
-
-    gc.collect()
+    # tied to the embeddings (a lean load keeps the tie), it lives on with them where the client needs them
+    model.parts.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    release_freed_memory()
 
 
 def _checkpoint_bytes(model_dir: Path) -> int:

@@ -46,23 +46,104 @@ def _check_checkpoint_dir(directory: Path) -> dict:
     return cfg
 
 
-def load_llava(directory: str | Path, dtype: torch.dtype = torch.float32):
+def load_llava(directory: str | Path, dtype: torch.dtype = torch.float32, lean: bool = False):
+    """lean: read the weights into the model's own memory, a few hundred MB at a time
+    (`_load_llava_lean`), instead of transformers' memory map of the whole checkpoint."""
     from transformers import LlavaForConditionalGeneration
 
     directory = Path(directory)
     _check_checkpoint_dir(directory)
     quiet_transformers()
+    if lean and dtype == torch.float32:
+        model = _load_llava_lean(directory)
+        if model is not None:
+            return model
     return LlavaForConditionalGeneration.from_pretrained(
         directory, use_safetensors=True, dtype=dtype, attn_implementation="eager")
 
 
-def load_split_model(directory: str | Path, split: SplitConfig | None = None) -> SplitModel:
+# A Llava checkpoint's names for the model's weights (transformers' own layout before 4.52,
+# which it still writes): {old prefix: the model's prefix}.
+_LLAVA_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                   ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+_LEAN_CHUNK_BYTES = 256 << 20
+
+
+def _load_llava_lean(directory: Path):
+    """The checkpoint's weights copied tensor by tensor into an uninitialised model, the
+    file opened again every ~256 MB. transformers maps the whole file, and every page the
+    export reads (all of them, for the fingerprint and the server half) then stays in the
+    process's memory beside the model: 5.4 GB at real size where the model is 3.4 GB.
+    None where a name does not match (another layout): the caller falls back."""
+    from safetensors import safe_open
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+
+    config = LlavaConfig.from_pretrained(directory)
+    config._attn_implementation = "eager"
+    with no_init_weights():
+        model = LlavaForConditionalGeneration(config)
+    model.tie_weights()
+    state = model.state_dict()
+    plan = []  # (file, its tensor names, the model's names for them), all checked before any is read
+    for path in _weight_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            names = [_model_key(k, state) for k in keys]
+            if None in names or any(tuple(f.get_slice(k).get_shape()) != tuple(state[n].shape)
+                                    for k, n in zip(keys, names)):
+                return None
+        plan.append((path, keys, names))
+    loaded: set[int] = set()  # storages written (tied weights share one)
+    for path, keys, names in plan:
+        i = 0
+        while i < len(keys):
+            with safe_open(str(path), framework="pt") as f:  # closed: its pages leave this process
+                done = 0
+                while i < len(keys) and done < _LEAN_CHUNK_BYTES:
+                    x = f.get_tensor(keys[i])
+                    target = state[names[i]]
+                    target.copy_(x)
+                    loaded.add(target.untyped_storage().data_ptr())
+                    done += x.numel() * x.element_size()
+                    i += 1
+    persistent = dict(model.named_parameters(remove_duplicate=False))
+    if any(p.untyped_storage().data_ptr() not in loaded for p in persistent.values()):
+        return None  # a weight the files do not hold
+    return model.eval()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The model's own weight files (a sharded checkpoint's index names them), not the
+    quantizer's beside them."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+
+
+def _model_key(key: str, state: dict) -> str | None:
+    if key in state:
+        return key
+    for old, new in _LLAVA_PREFIXES:
+        if key.startswith(old) and new + key[len(old):] in state:
+            return new + key[len(old):]
+    return None
+
+
+def load_split_model(directory: str | Path, split: SplitConfig | None = None, lean: bool = False) -> SplitModel:
     """Load a checkpoint. An edgeqtl directory carries its split config and quantizer;
-    a plain Llava checkpoint needs `split` and starts with a fresh quantizer."""
+    a plain Llava checkpoint needs `split` and starts with a fresh quantizer. lean: for
+    export at real size, in the least memory (load_llava's lean; tied weights stay tied,
+    since nothing trains)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    llava = load_llava(directory)
+    llava = load_llava(directory, lean=lean)
     meta_path = directory / SPLIT_CONFIG_FILE
     saved = SplitConfig.from_dict(json.loads(meta_path.read_text())["split"]) if meta_path.is_file() else None
     if split is None:
@@ -72,7 +153,7 @@ def load_split_model(directory: str | Path, split: SplitConfig | None = None) ->
     elif saved is not None and _same_quantizer(saved, dataclasses.replace(split, code_dim=split.code_dim
                                                                           or saved.code_dim)):
         split = dataclasses.replace(split, clip_sigmas=saved.clip_sigmas)  # the trained quantizer's own range
-    model = SplitModel(llava, split)
+    model = SplitModel(llava, split, untie=not lean)
     model.image_spec = load_image_spec(directory, model)
     q_path = directory / QUANTIZER_FILE
     if saved is not None and q_path.is_file() and _same_quantizer(saved, model.split):

@@ -69,6 +69,11 @@ def save_server_half(model, directory, fingerprint: str, tokenizer_file: Path | 
     if model.split.cut == 0:
         enc = TokenEncoder(model.client.embed_tokens, model.client.encoder)
         state.update({f"token_encoder.{k}": v.detach().contiguous() for k, v in enc.state_dict().items()})
+    seen = set()
+    for k, v in state.items():  # safetensors refuses two names for one storage (lm_head tied to the embeddings)
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
     save_file(state, str(directory / WEIGHTS))
     meta = {"split": model.split.to_dict(), "fingerprint": fingerprint, "hidden_size": model.hidden_size,
             "num_layers": model.num_layers, **(extra or {})}

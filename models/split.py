@@ -321,7 +321,7 @@ def last_positions(x: torch.Tensor) -> torch.Tensor:
 class SplitModel:
     """A Llava model plus its quantizer, viewed as two halves that partition its weights."""
 
-    def __init__(self, llava, split: SplitConfig):
+    def __init__(self, llava, split: SplitConfig, untie: bool = True):
         self.llava = llava
         self.parts = llava_parts(llava)
         n_layers = len(self.parts.decoder.layers)
@@ -340,8 +340,8 @@ class SplitModel:
             dec = QuantizerDecoder(split.code_dim, hidden, split.levels)
         self.client = ClientHalf(self.parts, split, enc)
         self.server = ServerHalf(self.parts, split, dec)
-        if getattr(llava.config, "tie_word_embeddings", False) or \
-                self.parts.lm_head.weight is self.parts.decoder.embed_tokens.weight:
+        if untie and (getattr(llava.config, "tie_word_embeddings", False) or
+                      self.parts.lm_head.weight is self.parts.decoder.embed_tokens.weight):
             # A weight tied across the cut cannot stay tied once the halves train apart.
             self.parts.lm_head.weight = nn.Parameter(self.parts.lm_head.weight.detach().clone())
 
