@@ -24,7 +24,7 @@ from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, rele
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
                                  read_split_meta)
-from edgeqtl.models.server_half import save_server_half
+from edgeqtl.models.server_half import save_server_half, update_server_meta
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
 from .calibration import fit_entropy_model, user_samples, world_samples
@@ -162,27 +162,35 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
+    # The server half first: at real size its weights (2.4 GB) are then freed before the
+    # client's work, which needs none of them. Its entropy model is added once fitted.
+    prompts.save(out)
+    save_server_half(model, out / "server", fp, out / "tokenizer.json",
+                     extra={"text": dataclasses.asdict(text), "entropy": None,
+                            "max_context": max_context_of(model), "prompt_ids": prompt_ids,
+                            "generation": generation_record(model_dir, model, prompts)})
+    step("saved the server half")
+    predict = None if big else server_predictor(model)  # small: the server half kept, to compare answers too
+    if big:
+        _free_server_weights(model)
+        step("freed the server half's weights")
+
     entropy = None
     if split.quantizer == "fsq":
         bar = tqdm(total=len(fit), desc="fit entropy model", disable=progress is None, dynamic_ncols=True)
         entropy = fit_entropy_model(model, fit, prompts, image, batch, bar.update, image_only=prompt_ids)
         bar.close()
+        update_server_meta(out / "server", entropy=entropy.to_list())
     ref = None
     if opts.verify:
         bar = tqdm(total=len(check), desc="PyTorch reference", disable=progress is None, dynamic_ncols=True)
         ref = reference(model, check, prompts, image, batch, bar.update)
         bar.close()
     heads, head_dim = kv_shape(model.client)
-    prompts.save(out)
-    save_server_half(model, out / "server", fp, out / "tokenizer.json",
-                     extra={"text": dataclasses.asdict(text), "entropy": entropy.to_list() if entropy else None,
-                            "max_context": max_context_of(model), "prompt_ids": prompt_ids,
-                            "generation": generation_record(model_dir, model, prompts)})
-    step("saved the server half")
     gate = read_split_meta(model_dir).get("step", 0) > 0
-    predict = None if big else server_predictor(model)  # small: the server half kept, to compare answers too
-    if big:
-        _free_server_weights(model, prompt_ids)
+    if big and prompt_ids:  # the token table: used by the reference's prompts, in no client graph
+        model.parts.decoder.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        release_freed_memory()
     graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids)
     hidden, layers = model.hidden_size, model.num_layers
     del model
@@ -220,14 +228,12 @@ def family_of(model_dir: Path) -> str | None:
     return "/".join(str(t) for t in (outer, inner) if t) or None
 
 
-def _free_server_weights(model: SplitModel, prompt_ids: bool = False) -> None:
-    """Once the server half is saved (and the reference computed), its weights are dead
-    weight: the trunk after the cut and lm_head (2.4 GB at real size) are in no client
-    graph, nor, with prompt ids, the token-embedding table (0.6 GB). Freed before the ONNX
-    exporter, whose copies of the client's weights make the export's peak."""
+def _free_server_weights(model: SplitModel) -> None:
+    """Once the server half is saved, its weights are dead weight: the trunk after the cut
+    and lm_head (2.4 GB at real size) are in no client graph. Freed before the client's
+    work (entropy model, reference, the ONNX exporter, whose copies of the client's
+    weights come on top)."""
     decoder = model.parts.decoder
-    if prompt_ids:
-        decoder.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     for i in range(model.split.cut, len(decoder.layers)):
         decoder.layers[i] = torch.nn.Identity()
     model.server.layers = torch.nn.ModuleList()
@@ -241,8 +247,9 @@ def _checkpoint_bytes(model_dir: Path) -> int:
 
 
 def check_memory(model_dir: Path) -> None:
-    """Refuse, with one line, an export this machine's memory cannot hold (measured peak:
-    about 2x the checkpoint's fp32 size), instead of being killed by the kernel half-way."""
+    """Refuse, with one line, an export this machine's memory cannot hold, instead of
+    being killed by the kernel half-way. Asked: 2x the checkpoint's fp32 size (measured
+    peak at real size: 1.45x, in the int8 conversion's own process; the rest is headroom)."""
     need = 2 * _checkpoint_bytes(model_dir) / 2 ** 20
     have = available_mb()
     if have is not None and need > have:

@@ -10,6 +10,7 @@ manifest lists with its size and sha256 like the graph itself.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from edgeqtl.bundle import FileSpec, GraphSpec, TensorSpec, file_sha256
@@ -91,10 +92,43 @@ def quantize_int8(src, dst, external: bool | None = None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
+    external = needs_external_data(src) if external is None else external
+    with _shape_inference_in_place() if external else contextlib.nullcontext():
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=[_final_projection(onnx.load(str(src), load_external_data=False))],
+                         use_external_data_format=external)
 
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=[_final_projection(onnx.load(str(src), load_external_data=False))],
-                     use_external_data_format=needs_external_data(src) if external is None else external)
+
+@contextlib.contextmanager
+def _shape_inference_in_place():
+    """onnxruntime's dynamic quantizer re-runs shape inference on a deep copy of the whole
+    model, and loads the result while the copy and the original are both alive: three
+    copies of a 1.5 GB graph, the export's peak at real size (4.75 GiB). Here the model is
+    written out and reloaded as it is, without the copy (the quantizer replaces it with the
+    reloaded one and never reads it again): two. Where onnxruntime has no such step
+    (another version), nothing is changed."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import onnx_quantizer, quant_utils
+
+    original = getattr(onnx_quantizer, "save_and_reload_model_with_shape_infer", None)
+    if original is None or not hasattr(quant_utils, "load_model_with_shape_infer"):
+        yield
+        return
+
+    def in_place(model):
+        with tempfile.TemporaryDirectory(prefix="edgeqtl.quant.") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+            return quant_utils.load_model_with_shape_infer(path)
+
+    onnx_quantizer.save_and_reload_model_with_shape_infer = in_place
+    try:
+        yield
+    finally:
+        onnx_quantizer.save_and_reload_model_with_shape_infer = original
 
 
 def _final_projection(model) -> str:

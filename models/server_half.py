@@ -83,6 +83,15 @@ def save_server_half(model, directory, fingerprint: str, tokenizer_file: Path | 
     return directory
 
 
+def update_server_meta(directory, **fields) -> None:
+    """Set fields of a saved server half's edgeqtl_server.json (export adds the entropy
+    model once it is fitted, after the weights are saved and freed)."""
+    path = Path(directory) / META
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    path.write_text(json.dumps(meta, indent=2))
+
+
 def load_server_half(directory, dtype: torch.dtype = torch.float32) -> ServerBundle:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
