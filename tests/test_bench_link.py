@@ -96,3 +96,40 @@ def test_nothing_left_running(link_section):
     while leftovers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftovers() == []
+
+
+def test_the_suite_measures_a_users_own_bundle_on_their_questions(link_section, tmp_path):
+    """`edgeqtl bench link --bundle B --data F`: that bundle's own frames, asked the file's
+    questions end to end, and the same frame sizes against 16-bit, transfer only."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from edgeqtl.bench import fixtures
+    from edgeqtl.bench import suite as bench_suite
+    from edgeqtl.bench.report import BenchContext
+    from edgeqtl.cli import main
+
+    _, shared = link_section
+    preset_ctx = BenchContext(out=shared, quick=True, progress=False, echo=lambda line: None)
+    bundle = fixtures.bundle_of(preset_ctx, fixtures.trained_model(preset_ctx, 4, 0))  # the quick run's, cached
+    r = CliRunner().invoke(main, ["data", "export", "--world", "shapes", "--out", str(tmp_path / "data"),
+                                  "--train-samples", "1", "--heldout-per-family", "2"])
+    assert r.exit_code == 0, r.output
+    ctx = dataclasses.replace(preset_ctx, out=tmp_path / "own", bundle=bundle, data=tmp_path / "data" / "heldout.json")
+    section = bench_suite("link").run(ctx)
+    fig = section.figures
+    assert fig["bundle"] == str(bundle) and fig["cut"] == 0
+    kinds = {"2-bit packed", "2-bit entropy-coded"}
+    assert {(r["profile"], r["frame"]) for r in fig["rows"]} == {(p, k) for p in QUICK_PROFILES for k in kinds}
+    for row in fig["rows"]:
+        assert row["device_ms"] > 0 and row["server_ms"] > 0 and row["bytes_up"] < row["bytes_up_16bit"]
+        assert row["round_trips"] == 1  # cut 0, no resends: each row's client starts afresh
+    assert {(r["profile"], r["frame"]) for r in fig["echo_rows"]} == \
+        {(p, k) for p in QUICK_PROFILES for k in kinds | {"16-bit"}}
+    for kind in kinds:  # the echo sends what the device sent
+        assert fig["sizes"][kind] == round(sum(r["bytes_up"] for r in fig["rows"] if r["frame"] == kind) /
+                                           len(QUICK_PROFILES))
+    assert set(fig["headline"]["frames"]) == kinds and section.headline
+    assert (tmp_path / "own" / "link_split.png").read_bytes()[:8] == PNG_MAGIC
+    assert "Your bundle" in section.markdown

@@ -18,6 +18,8 @@ so its transfer is mostly latency. Real-size frames are emulated too, without th
 payloads of exactly the request sizes measured for llava-interleave-qwen-0.5b
 (README, "Bring your own checkpoint") are sent through the same relay to an MQTT echo
 that replies at once with an ANSWER-sized payload, and timed request to reply.
+
+With --model or --bundle the suite measures the user's bundle instead (link_own.py).
 """
 from __future__ import annotations
 
@@ -150,16 +152,17 @@ def _measure_bundle(ctx: BenchContext, bundle, cut: int, kinds: list[tuple[str, 
     """One bundle (one server half): for each profile and frame kind, the questions asked
     through a fresh relay and connection. Returns one row per (profile, kind)."""
     from edgeqtl.broker import MosquittoBroker
+    from edgeqtl.bundle import BundleManifest
     from edgeqtl.link import PROFILES, LinkRelay
     from edgeqtl.server_agent.agent import ServerAgent, load_engine
     from edgeqtl.transport import BrokerConfig, RequestClient
 
     engine = load_engine(bundle / "server", max_new_tokens=4 if ctx.quick else 8)
-    clients = {kind: _timed_device_client(bundle, entropy) for kind, entropy in kinds}
-    for kind, client in clients.items():
-        if kind.startswith("2-bit") and client.manifest.quantizer != "fsq":
-            raise RuntimeError(f"bundle {bundle} sends {client.manifest.quantizer} hidden states, not codes")
-        if kind == "2-bit entropy-coded" and client.entropy is None:
+    manifest = BundleManifest.load(bundle)
+    for kind, entropy in kinds:
+        if kind.startswith("2-bit") and manifest.quantizer != "fsq":
+            raise RuntimeError(f"bundle {bundle} sends {manifest.quantizer} hidden states, not codes")
+        if entropy and manifest.entropy is None:
             raise RuntimeError(f"bundle {bundle} has no entropy model: cannot measure entropy-coded frames")
     rows = []
     with MosquittoBroker() as broker:
@@ -168,7 +171,10 @@ def _measure_bundle(ctx: BenchContext, bundle, cut: int, kinds: list[tuple[str, 
         with agent:
             for name in profiles:
                 profile = PROFILES[name]
-                for kind, client in clients.items():
+                for kind, entropy in kinds:
+                    # A client of its own per row: one that remembered the images of the previous row
+                    # would name them to this row's device id, which the server never saw (a resend).
+                    client = _timed_device_client(bundle, entropy)
                     relay = LinkRelay("127.0.0.1", 0, "127.0.0.1", broker.port, profile).start()
                     try:
                         cfg = BrokerConfig(port=relay.port)
@@ -230,8 +236,9 @@ def _answer_reply_bytes() -> int:
     return len(encode_frame(frame))
 
 
-def _measure_real_size(ctx: BenchContext, profiles: list[str]) -> list[dict]:
-    """Payloads of the real-size request sizes through the relay to an echo on the broker."""
+def _measure_real_size(ctx: BenchContext, profiles: list[str], sizes: dict[str, int] = REAL_SIZE_BYTES_UP) -> list[dict]:
+    """Payloads of the given request sizes ({frame kind: bytes}; default the real-size
+    model's) through the relay to an echo on the broker."""
     from edgeqtl.broker import MosquittoBroker
     from edgeqtl.link import PROFILES, LinkRelay
     from edgeqtl.transport import BrokerConfig, MqttEndpoint
@@ -250,7 +257,7 @@ def _measure_real_size(ctx: BenchContext, profiles: list[str]) -> list[dict]:
         try:
             for name in profiles:
                 profile = PROFILES[name]
-                for kind, size in REAL_SIZE_BYTES_UP.items():
+                for kind, size in sizes.items():
                     rows.append(_echo_times(ctx, broker.port, profile, kind, size, reply_bytes,
                                             _real_size_repeats(ctx, name), LinkRelay, MqttEndpoint, BrokerConfig))
         finally:
@@ -385,11 +392,15 @@ def run(ctx: BenchContext) -> Section:
 
     if find_mosquitto() is None:
         raise RuntimeError("the link suite needs mosquitto (apt-get install mosquitto)")
-    if ctx.model is not None or ctx.data is not None:
-        # The suite compares a 16-bit baseline with 2-bit codes at two cuts: models it trains itself.
-        ctx.echo(f"  link: --model and --data are not used here; the suite measures the {ctx.preset} preset's "
-                 "own 16-bit and 2-bit models")
     profiles = list(QUICK_PROFILES if ctx.quick else PROFILES)
+    if ctx.model is not None or ctx.bundle is not None:
+        from .link_own import run_own
+
+        return run_own(ctx, profiles)
+    if ctx.data is not None:
+        # Without a model of the user's, the suite compares the preset's own 16-bit and 2-bit models.
+        ctx.echo(f"  link: --data is used with --model or --bundle; the suite measures the {ctx.preset} preset's "
+                 "own 16-bit and 2-bit models on its own world")
     # The preset's own models and world (the user's --model, --bundle and --data are other suites' business).
     preset_ctx = dataclasses.replace(ctx, model=None, bundle=None, data=None)
     most = max(_questions_per_profile(ctx, p) for p in profiles)
