@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from edgeqtl.device_agent.session import open_session
-from edgeqtl.models.split import last_positions
 
 from .calibration import Inputs, batches, client_codes
 
@@ -140,13 +139,12 @@ def server_predictor(model):
     @torch.inference_mode()
     def predict(codes: np.ndarray, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         wire, mask = torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(mask)
-        if not server.split.exact_text:
-            return server.next_logits(wire, mask).argmax(-1).numpy()
-        ids = torch.from_numpy(input_ids)
-        is_image = ids == image_id
-        h = server.with_exact_text(server.decoder_q(server.receive(wire)), embed(torch.where(is_image, 0, ids)),
-                                   is_image)
-        return server.forward_hidden(h, mask, positions=last_positions(h))[:, -1].argmax(-1).numpy()
+        text = is_image = None
+        if server.split.exact_text:
+            ids = torch.from_numpy(input_ids)
+            is_image = ids == image_id
+            text = embed(torch.where(is_image, 0, ids))
+        return server.next_logits(wire, mask, text_hidden=text, is_image=is_image).argmax(-1).numpy()
 
     return predict
 

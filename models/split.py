@@ -306,11 +306,16 @@ class ServerHalf(nn.Module):
     def forward(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
         return self.forward_values(self.receive(wire), attention_mask, cache)
 
-    def next_logits(self, wire, attention_mask, cache: KVCache | None = None) -> torch.Tensor:
+    def next_logits(self, wire, attention_mask, cache: KVCache | None = None, text_hidden=None,
+                    is_image=None) -> torch.Tensor:
         """(B, V): the next token's logits only. Prompts are left-padded, so the last
         position is every row's; at a real vocabulary the logits of every position of a
-        729-token prompt would take GBs."""
-        return self.forward_values(self.receive(wire), attention_mask, cache, last_positions(wire))[:, -1]
+        729-token prompt would take GBs. Under exact_text, text_hidden (the text's own
+        embeddings) and is_image say what the text positions get instead of their codes."""
+        if not self.split.exact_text:
+            return self.forward_values(self.receive(wire), attention_mask, cache, last_positions(wire))[:, -1]
+        h = self.with_exact_text(self.decoder_q(self.receive(wire)), text_hidden, is_image)
+        return self.forward_hidden(h, attention_mask, cache, last_positions(h))[:, -1]
 
 
 def last_positions(x: torch.Tensor) -> torch.Tensor:
@@ -361,11 +366,8 @@ class SplitModel:
         own embeddings, as the server agent does with prompt ids); else the unsplit model."""
         h = self.client.hidden(input_ids, attention_mask, pixel_values, client_cache)
         if quantized:
-            wire = self.client.to_wire(h).wire
-            if not self.split.exact_text:
-                return self.server.next_logits(wire, attention_mask, server_cache)
-            decoded = self.server.decoder_q(self.server.receive(wire))
-            h = self.server.with_exact_text(decoded, h, input_ids == self.client.image_token_id)
+            return self.server.next_logits(self.client.to_wire(h).wire, attention_mask, server_cache, h,
+                                           input_ids == self.client.image_token_id)
         return self.server.forward_hidden(h, attention_mask, server_cache, last_positions(h))[:, -1]
 
     def parameters(self):

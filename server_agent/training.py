@@ -127,9 +127,9 @@ class TrainingService:
         if model.split.exact_text:
             # Split training sends every position as codes; an exact-text split's trunk expects the text's
             # own embeddings there, so training on it would teach the trunk the wrong input.
-            raise UnsupportedModelError("this model keeps the prompt's text exact at cut 0 (an adapted model); split "
-                             "training sends every position as codes: start it from a --preset model or a "
-                             "checkpoint without an adapted quantizer")
+            raise UnsupportedModelError("this model keeps the prompt's text exact at cut 0 (an adapted model); "
+                                        "split training sends every position as codes: start it from a --preset "
+                                        "model or a checkpoint without an adapted quantizer")
         self.model = model
         self.server = model.server.train()
         self.cfg = cfg
