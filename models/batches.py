@@ -78,4 +78,4 @@ def image_spec_of(model) -> ImageSpec:
     spec = getattr(model, "image_spec", None)
     if spec is not None:
         return spec
-    return ImageSpec(size=model.llava.config.vision_config.image_size)
+    return ImageSpec(size=model.family.image_size(model.hf.config))

@@ -40,7 +40,7 @@ def save_split_model(model: SplitModel, directory: str | Path, extra: dict | Non
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     quiet_transformers()
-    model.llava.save_pretrained(directory, safe_serialization=True)
+    model.hf.save_pretrained(directory, safe_serialization=True)
     q = model.quantizer_state()
     if q:
         save_file({k: v.contiguous() for k, v in q.items()}, str(directory / QUANTIZER_FILE))

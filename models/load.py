@@ -1,4 +1,5 @@
-"""Build a SplitModel from the `tiny` preset or from a local HF Llava checkpoint.
+"""Build a SplitModel from a local Hugging Face checkpoint of a supported VLM family
+(models/families: Llava, SmolVLM, LLaVA-OneVision; TinyLLaVA after `edgeqtl convert`).
 
 Only safetensors weights are read: a checkpoint that ships only pickled `.bin` files is
 refused rather than `torch.load`ed.
@@ -15,6 +16,7 @@ from edgeqtl.errors import EdgeqtlError
 from edgeqtl.imageproc import ImageSpec
 from edgeqtl.prompt import ChatFormat, PromptEncoder, load_chat
 
+from .families import family_of
 from .hf import quiet_transformers
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitConfig, SplitModel, UnsupportedModelError
 
@@ -30,15 +32,15 @@ def _check_checkpoint_dir(directory: Path) -> dict:
         raise CheckpointError(f"not a directory: {directory}; pass a Hugging Face checkpoint directory")
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; pass a Hugging Face Llava checkpoint directory")
+        raise CheckpointError(f"{directory} has no config.json; pass a Hugging Face checkpoint directory")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
-    if cfg.get("model_type") != "llava":
-        raise CheckpointError(
-            f"{directory} holds a {cfg.get('model_type')!r} model, not a Llava one (config.json model_type "
-            "must be 'llava': a vision tower, a projector and a decoder-only LLM)")
+    try:
+        family_of(cfg.get("model_type"))
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
     if not any(directory.glob("*.safetensors")):
         raise CheckpointError(
             f"{directory} has no .safetensors weights; edgeqtl never unpickles .bin files. Convert the "
@@ -46,54 +48,50 @@ def _check_checkpoint_dir(directory: Path) -> dict:
     return cfg
 
 
-def load_llava(directory: str | Path, dtype: torch.dtype = torch.float32, lean: bool = False):
-    """lean: read the weights into the model's own memory, a few hundred MB at a time
-    (`_load_llava_lean`), instead of transformers' memory map of the whole checkpoint."""
-    from transformers import LlavaForConditionalGeneration
-
+def load_vlm(directory: str | Path, dtype: torch.dtype = torch.float32, lean: bool = False):
+    """The checkpoint's transformers model, of its family's class. lean: read the weights
+    into the model's own memory, a few hundred MB at a time (`_load_lean`), instead of
+    transformers' memory map of the whole checkpoint."""
     directory = Path(directory)
-    _check_checkpoint_dir(directory)
+    model_type = _check_checkpoint_dir(directory).get("model_type")
+    family = family_of(model_type)
     quiet_transformers()
     if lean and dtype == torch.float32:
-        model = _load_llava_lean(directory)
+        model = _load_lean(directory, family, model_type)
         if model is not None:
             return model
-    return LlavaForConditionalGeneration.from_pretrained(
+    return family.hf_class(model_type).from_pretrained(
         directory, use_safetensors=True, dtype=dtype, attn_implementation="eager")
 
 
-# A Llava checkpoint's names for the model's weights (transformers' own layout before 4.52,
-# which it still writes): {old prefix: the model's prefix}.
-_LLAVA_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                   ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
 _LEAN_CHUNK_BYTES = 256 << 20
 
 
-def _load_llava_lean(directory: Path):
+def _load_lean(directory: Path, family, model_type: str):
     """The checkpoint's weights copied tensor by tensor into an uninitialised model, the
     file opened again every ~256 MB. transformers maps the whole file, and every page the
     export reads (all of them, for the fingerprint and the server half) then stays in the
     process's memory beside the model: 5.4 GB at real size where the model is 3.4 GB.
     None where a name does not match (another layout): the caller falls back."""
     from safetensors import safe_open
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
 
-    config = LlavaConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory)
     config._attn_implementation = "eager"
     with no_init_weights():
-        model = LlavaForConditionalGeneration(config)
+        model = family.hf_class(model_type)(config)
     model.tie_weights()
     state = model.state_dict()
     plan = []  # (file, its tensor names, the model's names for them), all checked before any is read
     for path in _weight_files(directory):
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            names = [_model_key(k, state) for k in keys]
+            names = [_model_key(k, state, family.checkpoint_prefixes) for k in keys]
             if None in names or any(tuple(f.get_slice(k).get_shape()) != tuple(state[n].shape)
                                     for k, n in zip(keys, names)):
                 return None
@@ -126,10 +124,12 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
-def _model_key(key: str, state: dict) -> str | None:
+def _model_key(key: str, state: dict, prefixes) -> str | None:
+    """The model's name for a checkpoint's tensor: the same, or renamed by the family's
+    old-layout prefixes (transformers' Llava-style layout before 4.52, which it still reads)."""
     if key in state:
         return key
-    for old, new in _LLAVA_PREFIXES:
+    for old, new in prefixes:
         if key.startswith(old) and new + key[len(old):] in state:
             return new + key[len(old):]
     return None
@@ -137,23 +137,23 @@ def _model_key(key: str, state: dict) -> str | None:
 
 def load_split_model(directory: str | Path, split: SplitConfig | None = None, lean: bool = False) -> SplitModel:
     """Load a checkpoint. An edgeqtl directory carries its split config and quantizer;
-    a plain Llava checkpoint needs `split` and starts with a fresh quantizer. lean: for
-    export at real size, in the least memory (load_llava's lean; tied weights stay tied,
+    a plain checkpoint needs `split` and starts with a fresh quantizer. lean: for
+    export at real size, in the least memory (load_vlm's lean; tied weights stay tied,
     since nothing trains)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    llava = load_llava(directory, lean=lean)
+    hf_model = load_vlm(directory, lean=lean)
     meta_path = directory / SPLIT_CONFIG_FILE
     saved = SplitConfig.from_dict(json.loads(meta_path.read_text())["split"]) if meta_path.is_file() else None
     if split is None:
         if saved is None:
-            raise CheckpointError(f"{directory} is a plain Llava checkpoint; say where to cut (--cut) and the levels")
+            raise CheckpointError(f"{directory} is a plain checkpoint; say where to cut (--cut) and the levels")
         split = saved
     elif saved is not None and _same_quantizer(saved, dataclasses.replace(split, code_dim=split.code_dim
                                                                           or saved.code_dim)):
         split = dataclasses.replace(split, clip_sigmas=saved.clip_sigmas)  # the trained quantizer's own range
-    model = SplitModel(llava, split, untie=not lean)
+    model = SplitModel(hf_model, split, untie=not lean)
     model.image_spec = load_image_spec(directory, model)
     q_path = directory / QUANTIZER_FILE
     if saved is not None and q_path.is_file() and _same_quantizer(saved, model.split):
@@ -167,7 +167,7 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's n
 def load_image_spec(directory: Path, model: SplitModel) -> ImageSpec:
     """How the checkpoint's images are preprocessed: its preprocessor_config.json (size,
     mean, std, resampling) when it has one, else the vision tower's size."""
-    size = model.llava.config.vision_config.image_size
+    size = model.family.image_size(model.hf.config)
     pre = directory / "preprocessor_config.json"
     if not pre.is_file():
         return ImageSpec(size)
@@ -220,6 +220,7 @@ def load_prompts(directory: str | Path, model: SplitModel) -> PromptEncoder:
     template = find_template(directory)
     specials = {k: extra.get(k) for k in ("bos_token", "eos_token", "pad_token") if isinstance(extra.get(k), str)}
     chat = reduce_template(template, image_token, specials) if template else LLAVA_CHAT
+    chat = dataclasses.replace(chat, image_wrap=model.family.image_wrap)  # SmolVLM's markers around the image
     eos = _token_id(tok, extra.get("eos_token")) or _first(_json(directory / "generation_config.json")
                                                            .get("eos_token_id")) or \
         _first(model.parts.decoder.config.eos_token_id) or 0
@@ -269,5 +270,5 @@ def generation_record(directory: str | Path, model: SplitModel, prompts: PromptE
     return record
 
 
-__all__ = ["CheckpointError", "UnsupportedModelError", "load_llava", "load_split_model", "read_split_meta",
+__all__ = ["CheckpointError", "UnsupportedModelError", "load_vlm", "load_split_model", "read_split_meta",
            "load_prompts", "generation_record"]

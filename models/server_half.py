@@ -22,7 +22,8 @@ from torch import nn
 
 from edgeqtl.errors import EdgeqtlError
 
-from .split import LlavaParts, ServerHalf, SplitConfig
+from .families.base import VLMParts
+from .split import ServerHalf, SplitConfig
 
 WEIGHTS = "server_half.safetensors"
 META = "edgeqtl_server.json"
@@ -113,7 +114,7 @@ def load_server_half(directory, dtype: torch.dtype = torch.float32) -> ServerBun
         decoder.layers[i] = nn.Identity()
     decoder.embed_tokens = None
     lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-    parts = LlavaParts(None, None, decoder, lm_head, -1, -1, "full")
+    parts = VLMParts(None, None, decoder, lm_head, -1)
     dec = QuantizerDecoder(split.code_dim, cfg.hidden_size, split.levels) if split.quantizer == "fsq" else None
     server = ServerHalf(parts, split, dec).to(dtype)
     state = load_file(str(directory / WEIGHTS))

@@ -1,4 +1,4 @@
-"""A Llava model split at decoder layer `cut` into a ClientHalf and a ServerHalf.
+"""A VLM (any family of models/families) split at decoder layer `cut` into a ClientHalf and a ServerHalf.
 
     ClientHalf (device): vision tower -> projector -> spliced into token embeddings
                          -> decoder layers [0, cut) -> quantizer encoder -> codes
@@ -27,16 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeqtl.errors import EdgeqtlError
-
+from .families import family_of
+from .families.base import UnsupportedModelError, VLMParts
 from .quantizer import QuantizerDecoder, QuantizerEncoder, dequantise
 
 WIRE_MODES = ("fsq", "fp16", "identity")
 SPLIT_CONFIG_FILE = "edgeqtl_split.json"
-
-
-class UnsupportedModelError(EdgeqtlError, ValueError):
-    """The checkpoint or config cannot be split; the message says what is missing."""
 
 
 @dataclasses.dataclass
@@ -84,48 +80,6 @@ class SplitConfig:
 
             d.setdefault("clip_sigmas", CLIP_SIGMAS)  # saved before the field existed: 3 sigma
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-# --------------------------------------------------------------------------- HF access
-
-
-@dataclasses.dataclass
-class LlavaParts:
-    """The pieces of a transformers Llava model that the split needs."""
-
-    vision_tower: nn.Module
-    projector: nn.Module
-    decoder: nn.Module  # the LLM's base model: .embed_tokens, .layers, .norm, .rotary_emb
-    lm_head: nn.Module
-    image_token_id: int
-    feature_layer: int | list[int]
-    feature_strategy: str
-
-
-def llava_parts(llava) -> LlavaParts:
-    """Find the parts across transformers versions (5.x nests them under `.model`)."""
-    cfg = llava.config
-    base = getattr(llava, "model", llava)
-    vision = getattr(base, "vision_tower", None)
-    projector = getattr(base, "multi_modal_projector", None)
-    decoder = getattr(base, "language_model", None)
-    if decoder is not None and hasattr(decoder, "model") and not hasattr(decoder, "layers"):
-        decoder = decoder.model  # transformers 4.x: language_model is the *ForCausalLM
-    lm_head = getattr(llava, "lm_head", None) or getattr(getattr(base, "language_model", None), "lm_head", None)
-    missing = [n for n, m in [("vision_tower", vision), ("multi_modal_projector", projector),
-                              ("language_model", decoder), ("lm_head", lm_head)] if m is None]
-    if missing:
-        raise UnsupportedModelError(f"the model has no {', '.join(missing)}; edgeqtl splits Llava-format models")
-    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(decoder, attr):
-            raise UnsupportedModelError(
-                f"the language model ({type(decoder).__name__}) has no .{attr}; edgeqtl needs a decoder-only "
-                "LLM exposing embed_tokens, layers, norm and rotary_emb (Qwen2, Llama, Phi3, Gemma, ...)")
-    layer_types = getattr(decoder.config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError("sliding-window attention layers are not supported across the cut yet")
-    return LlavaParts(vision, projector, decoder, lm_head, int(cfg.image_token_index),
-                      cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -207,7 +161,7 @@ class ClientOutput:
 
 
 class ClientHalf(nn.Module):
-    def __init__(self, parts: LlavaParts, split: SplitConfig, encoder: QuantizerEncoder | None):
+    def __init__(self, parts: VLMParts, split: SplitConfig, encoder: QuantizerEncoder | None):
         super().__init__()
         self.split = split
         self.vision_tower = parts.vision_tower
@@ -220,14 +174,11 @@ class ClientHalf(nn.Module):
         self.image_token_id = parts.image_token_id
         self.feature_layer = parts.feature_layer
         self.feature_strategy = parts.feature_strategy
+        self.family = parts.family
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.vision_tower(pixel_values, output_hidden_states=True)
-        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        feats = [out.hidden_states[i] for i in layers]
-        if self.feature_strategy == "default":  # drop CLS, as transformers does
-            feats = [f[:, 1:] for f in feats]
-        return self.projector(torch.cat(feats, dim=-1))
+        """(B, N, hidden) what the image positions get: the family's tower and connector."""
+        return self.family.image_features(self, pixel_values)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.image_token_id
@@ -265,7 +216,7 @@ class ClientHalf(nn.Module):
 
 
 class ServerHalf(nn.Module):
-    def __init__(self, parts: LlavaParts, split: SplitConfig, decoder_q: QuantizerDecoder | None):
+    def __init__(self, parts: VLMParts, split: SplitConfig, decoder_q: QuantizerDecoder | None):
         super().__init__()
         self.split = split
         self.decoder_q = decoder_q
@@ -324,11 +275,12 @@ def last_positions(x: torch.Tensor) -> torch.Tensor:
 
 
 class SplitModel:
-    """A Llava model plus its quantizer, viewed as two halves that partition its weights."""
+    """A transformers VLM plus its quantizer, viewed as two halves that partition its weights."""
 
-    def __init__(self, llava, split: SplitConfig, untie: bool = True):
-        self.llava = llava
-        self.parts = llava_parts(llava)
+    def __init__(self, hf_model, split: SplitConfig, untie: bool = True):
+        self.hf = hf_model
+        self.family = family_of(getattr(hf_model.config, "model_type", None))
+        self.parts = self.family.parts(hf_model)
         n_layers = len(self.parts.decoder.layers)
         if not 0 <= split.cut < n_layers:
             raise UnsupportedModelError(f"cut must be in [0, {n_layers - 1}] for a model with {n_layers} decoder layers, got {split.cut}")
@@ -345,19 +297,15 @@ class SplitModel:
             dec = QuantizerDecoder(split.code_dim, hidden, split.levels)
         self.client = ClientHalf(self.parts, split, enc)
         self.server = ServerHalf(self.parts, split, dec)
-        if untie and (getattr(llava.config, "tie_word_embeddings", False) or
+        if untie and (getattr(hf_model.config, "tie_word_embeddings", False) or
                       self.parts.lm_head.weight is self.parts.decoder.embed_tokens.weight):
             # A weight tied across the cut cannot stay tied once the halves train apart.
             self.parts.lm_head.weight = nn.Parameter(self.parts.lm_head.weight.detach().clone())
 
     @property
     def num_image_tokens(self) -> int:
-        """The tower's tokens, plus CLIP's class token, minus the first token where the
-        strategy is "default" (transformers drops it whatever it is: for SigLIP, which has
-        no class token, that is a patch)."""
-        vc = self.llava.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2 + (1 if _has_cls(vc) else 0)
-        return n - (1 if self.parts.feature_strategy == "default" else 0)
+        """Image tokens per image, as the family's transformers model counts them."""
+        return self.family.num_image_tokens(self.hf.config)
 
     def next_logits(self, input_ids, attention_mask, pixel_values=None, client_cache: KVCache | None = None,
                     server_cache: KVCache | None = None, quantized: bool = True) -> torch.Tensor:
@@ -394,11 +342,6 @@ class SplitModel:
             return
         self.client.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
         self.server.decoder_q.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
-
-
-def _has_cls(vision_config) -> bool:
-    # CLIP prepends a class token; SigLIP does not.
-    return getattr(vision_config, "model_type", "") in ("clip_vision_model", "clip")
 
 
 # --------------------------------------------------------------------------- save / load

@@ -29,6 +29,26 @@ INTERLEAVE_TEMPLATE = (
     "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+# The chat template of HuggingFaceTB/SmolVLM-256M-Instruct (chat_template.json): one
+# <|im_start|>, "User:"/"Assistant:" turns ending in <end_of_utterance>.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+# ChatML with the image first and a newline after it, the form of LLaVA-OneVision's
+# prompts (its published template puts a space after the role in a turn and a newline in
+# the generation prompt, which does not reduce to fixed strings: models/chat_template.py).
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     family: str
@@ -73,6 +93,79 @@ SPECS = {
                    "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "full"}),
 }
 
+_SMOLVLM_VISION = {"model_type": "idefics3_vision", "hidden_act": "gelu_pytorch_tanh", "hidden_size": 768,
+                   "image_size": 512, "intermediate_size": 3072, "layer_norm_eps": 1e-6, "num_attention_heads": 12,
+                   "num_hidden_layers": 12, "patch_size": 16}
+_SMOLVLM_SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<global-img>": 49152,
+                     "<fake_token_around_image>": 49189, "<image>": 49190, "<end_of_utterance>": 49279}
+_SMOLVLM_PRE = {"do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True,
+                "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "image_processor_type": "Idefics3ImageProcessor", "max_image_size": {"longest_edge": 512},
+                "processor_class": "Idefics3Processor", "resample": 1, "rescale_factor": 1 / 255,
+                "size": {"longest_edge": 2048}}
+
+
+def _smolvlm(text: dict) -> Spec:
+    return Spec(
+        family="smolvlm",
+        config={"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3",
+                "image_token_id": 49190, "scale_factor": 4, "tie_word_embeddings": False,
+                "text_config": {"model_type": "llama", "vocab_size": 49280, "max_position_embeddings": 8192,
+                                "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": False,
+                                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **text},
+                "vision_config": dict(_SMOLVLM_VISION)},
+        specials=_SMOLVLM_SPECIALS, base_vocab=49152, chat_template=SMOLVLM_TEMPLATE, preprocessor=_SMOLVLM_PRE,
+        generation={"bos_token_id": 1, "eos_token_id": 49279, "pad_token_id": 2},
+        tokenizer_extra={"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
+                         "unk_token": "<|endoftext|>", "tokenizer_class": "GPT2Tokenizer", "model_max_length": 8192},
+        processor={"image_seq_len": 64, "processor_class": "Idefics3Processor"})
+
+
+# HuggingFaceTB/SmolVLM-256M-Instruct: SigLIP-B/16 at 512 px (12 layers, 64 tokens after
+# the 4x pixel shuffle), SmolLM2-135M trunk (30 layers, hidden 576, 9 heads, 3 kv heads).
+SPECS["smolvlm-256m"] = _smolvlm({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                  "num_attention_heads": 9, "num_key_value_heads": 3})
+# HuggingFaceTB/SmolVLM-500M-Instruct: the same tower, SmolLM2-360M trunk (32 layers,
+# hidden 960, 15 heads, 5 kv heads, head_dim 64).
+SPECS["smolvlm-500m"] = _smolvlm({"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                                  "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64})
+# HuggingFaceTB/SmolVLM2-256M-Video-Instruct: SmolVLM-256M's shapes as `model_type: smolvlm`.
+SPECS["smolvlm2-256m"] = dataclasses.replace(SPECS["smolvlm-256m"], config={
+    **SPECS["smolvlm-256m"].config, "architectures": ["SmolVLMForConditionalGeneration"], "model_type": "smolvlm",
+    "vision_config": {**_SMOLVLM_VISION, "model_type": "smolvlm_vision"}},
+    preprocessor={**_SMOLVLM_PRE, "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor"},
+    processor={"image_seq_len": 64, "processor_class": "SmolVLMProcessor"})
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf, base view only (no any-resolution tiling):
+# SigLIP so400m at 384 px (729 tokens + the image newline), Qwen2-0.5B trunk (24 layers,
+# hidden 896, 14 heads, 2 kv heads).
+SPECS["llava-onevision-qwen2-0.5b"] = Spec(
+    family="llava_onevision",
+    config={"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+            "image_token_index": 151646, "video_token_index": 151647, "projector_hidden_act": "gelu",
+            "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": [[384, 384], [384, 768], [768, 384]],
+            "tie_word_embeddings": True,
+            "text_config": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+                            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "vocab_size": 152000,
+                            "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+                            "rms_norm_eps": 1e-6},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
+                              "hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
+                              "layer_norm_eps": 1e-6, "num_attention_heads": 16, "num_hidden_layers": 26,
+                              "patch_size": 14, "vision_use_head": False}},
+    specials={"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<image>": 151646,
+              "<video>": 151647},
+    base_vocab=151643,
+    chat_template=ONEVISION_TEMPLATE,
+    preprocessor={"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+                  "image_std": [0.5, 0.5, 0.5], "image_processor_type": "LlavaOnevisionImageProcessor",
+                  "processor_class": "LlavaOnevisionProcessor", "resample": 3, "rescale_factor": 1 / 255,
+                  "size": {"height": 384, "width": 384}},
+    generation={"bos_token_id": 151643, "eos_token_id": 151645},
+    tokenizer_extra={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                     "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768})
+
 
 def names() -> list[str]:
     return sorted(SPECS)
@@ -109,7 +202,8 @@ def _corpus() -> list[str]:
 
 def tokenizer_json(spec: Spec) -> str:
     """A byte-level BPE trained on a small corpus, padded to the real ordinary vocabulary
-    with never-produced filler tokens, then the real special tokens at their real ids."""
+    (and any gap below the last special token) with never-produced filler tokens, and the
+    real special tokens at their real ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -119,9 +213,17 @@ def tokenizer_json(spec: Spec) -> str:
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
     d = json.loads(tok.to_str())
-    vocab = d["model"]["vocab"]
-    for i in range(len(vocab), spec.base_vocab):
+    # The learned tokens take the ordinary ids in order, stepping over the ids of special
+    # tokens that sit among them (SmolLM2's <|endoftext|> is 0); then never-produced filler.
+    # The specials are in the model's vocabulary too, at their ids: `tokenizers` gives an
+    # added token the id its model has for it, else the next free one.
+    special_ids = set(spec.specials.values())
+    free = (i for i in range(max(spec.base_vocab, max(special_ids) + 1)) if i not in special_ids)
+    vocab = {t: next(free) for t, _ in sorted(d["model"]["vocab"].items(), key=lambda x: x[1])}
+    for i in free:
         vocab[f"<|fill_{i}|>"] = i  # in the vocabulary, never produced by a merge
+    vocab.update(spec.specials)
+    d["model"]["vocab"] = vocab
     d["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for t, i in sorted(spec.specials.items(),
                                                                                    key=lambda x: x[1])]

@@ -18,8 +18,8 @@ from test_agents import MAX_NEW, reference_answer
 def test_small_preset_has_64_image_tokens_and_the_scenes_vocabulary():
     model = SplitModel(build_preset("small", 0), SplitConfig(cut=0, levels=4))
     assert model.num_image_tokens == PRESETS["small"].num_image_tokens == 64
-    assert model.llava.config.vision_config.image_size == scenes.IMAGE_SIZE
-    assert model.llava.config.text_config.vocab_size == len(scenes.vocabulary())
+    assert model.hf.config.vision_config.image_size == scenes.IMAGE_SIZE
+    assert model.hf.config.text_config.vocab_size == len(scenes.vocabulary())
     assert 3e6 < sum(p.numel() for p in model.parameters()) < 2e7
     # the same seed builds the same weights; another seed does not
     a, b, c = (build_preset("small", s).state_dict() for s in (1, 1, 2))

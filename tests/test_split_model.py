@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from edgeqtl.models.load import CheckpointError, load_llava, load_split_model
+from edgeqtl.models.load import CheckpointError, load_vlm, load_split_model
 from edgeqtl.models.split import SplitConfig, SplitModel
 
 
@@ -26,13 +26,13 @@ def _inputs(llava, n_img, batch=3, length=28, seed=0):
 @pytest.mark.parametrize("cut_name", ["0", "1", "last"])
 def test_identity_split_matches_unsplit_model(llava_checkpoint, cut_name):
     arch, directory = llava_checkpoint
-    llava = load_llava(directory)
+    llava = load_vlm(directory)
     n_layers = llava.config.text_config.num_hidden_layers
     cut = n_layers - 1 if cut_name == "last" else int(cut_name)
     model = load_split_model(directory, SplitConfig(cut=cut, quantizer="identity"))
     ids, mask, pix = _inputs(llava, model.num_image_tokens)
     with torch.no_grad():
-        ref = model.llava(input_ids=ids, attention_mask=mask, pixel_values=pix,
+        ref = model.hf(input_ids=ids, attention_mask=mask, pixel_values=pix,
                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         out = model.client(ids, mask, pix)
         logits = model.server(out.wire, mask)
@@ -48,7 +48,7 @@ def test_fsq_client_sends_integer_codes_in_range(llava_checkpoint):
     _, directory = llava_checkpoint
     for levels in (2, 3, 4, 16):
         model = load_split_model(directory, SplitConfig(cut=1, levels=levels, code_dim=24))
-        ids, mask, pix = _inputs(model.llava, model.num_image_tokens)
+        ids, mask, pix = _inputs(model.hf, model.num_image_tokens)
         out = model.client(ids, mask, pix)
         assert out.wire.dtype == torch.uint8
         assert out.wire.shape == (*ids.shape, 24)
@@ -80,7 +80,7 @@ def test_save_and_load_keeps_weights_and_split(tmp_path):
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     again = load_split_model(tmp_path)
     assert again.split == model.split
-    ids, mask, pix = _inputs(model.llava, model.num_image_tokens, length=24)
+    ids, mask, pix = _inputs(model.hf, model.num_image_tokens, length=24)
     with torch.no_grad():
         a = model.server(model.client(ids, mask, pix).wire, mask)
         b = again.server(again.client(ids, mask, pix).wire, mask)
@@ -92,12 +92,12 @@ def test_clear_error_for_missing_directory(tmp_path):
         load_split_model(tmp_path / "nope", SplitConfig())
 
 
-def test_clear_error_for_non_llava_checkpoint(tmp_path):
+def test_clear_error_for_a_checkpoint_of_no_supported_family(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="not a Llava"):
+    with pytest.raises(CheckpointError, match="not a supported VLM family"):
         load_split_model(tmp_path, SplitConfig())
 
 

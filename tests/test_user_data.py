@@ -111,8 +111,8 @@ def test_quantizer_adaptation_keeps_the_vlm_frozen_and_answers_unanswered_record
     before, after = load_split_model(base), load_split_model(out)
     assert after.split.quantizer == "fsq" and after.split.levels == 4
     assert after.split.exact_text  # at cut 0 the trunk keeps the text's own embeddings
-    frozen = {k: v for k, v in before.llava.state_dict().items()}
-    for k, v in after.llava.state_dict().items():
+    frozen = {k: v for k, v in before.hf.state_dict().items()}
+    for k, v in after.hf.state_dict().items():
         assert torch.equal(v, frozen[k]), f"{k} changed: the VLM must stay frozen"
     r = CliRunner().invoke(main, ["eval", "--model", str(out), "--data", str(world_files / "heldout.json"),
                                   "--json", str(tmp_path / "e.json")])

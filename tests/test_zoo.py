@@ -64,9 +64,9 @@ def test_a_lean_load_holds_the_same_weights_and_falls_back_on_other_names(interl
     import torch
     from safetensors.torch import load_file, save_file
 
-    from edgeqtl.models.load import load_llava, load_split_model
+    from edgeqtl.models.load import load_vlm, load_split_model
 
-    usual, lean = load_llava(interleave), load_llava(interleave, lean=True)
+    usual, lean = load_vlm(interleave), load_vlm(interleave, lean=True)
     a, b = usual.state_dict(), lean.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(usual.named_buffers(), lean.named_buffers()))
@@ -83,8 +83,9 @@ def test_a_lean_load_holds_the_same_weights_and_falls_back_on_other_names(interl
     weights["some.other.layout"] = weights.pop(next(iter(weights)))
     save_file(weights, str(other / "model.safetensors"))
     from edgeqtl.models import load as load_module
+    from edgeqtl.models.families import LLAVA
 
-    assert load_module._load_llava_lean(other) is None
+    assert load_module._load_lean(other, LLAVA, "llava") is None
 
 
 def test_a_real_size_export_of_a_tied_checkpoint_keeps_every_weight(interleave, tmp_path, monkeypatch):

@@ -1,0 +1,51 @@
+"""LLaVA-OneVision (`model_type: llava_onevision`): the Llava parts (SigLIP tower,
+feature layer, MLP projector) plus a learned `image_newline` vector. The device sends
+the base view: one image at the tower's size (384 px: 729 tokens) followed by the
+newline, 730 image tokens, which is what transformers computes for an image that is not
+tiled (its multi-image path). Any-resolution tiling (the token count then depends on
+the image's size) is not supported yet (docs/MODELS.md)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import VLMParts, llava_token_count
+from .llava import LlavaFamily
+
+
+class ProjectorWithNewline(nn.Module):
+    """The projector, then the newline vector after the image's features."""
+
+    def __init__(self, projector: nn.Module, image_newline: nn.Parameter):
+        super().__init__()
+        self.projector = projector
+        self.image_newline = image_newline
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.projector(features)
+        newline = self.image_newline.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        return torch.cat([x, newline], dim=1)
+
+
+class OnevisionFamily(LlavaFamily):
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    checkpoint_prefixes = LlavaFamily.checkpoint_prefixes + (("image_newline", "model.image_newline"),)
+
+    def hf_class(self, model_type: str = "llava_onevision"):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    def parts(self, model) -> VLMParts:
+        parts = super().parts(model)
+        newline = getattr(getattr(model, "model", model), "image_newline", None)
+        if newline is not None:
+            parts.projector = ProjectorWithNewline(parts.projector, newline)
+        return parts
+
+    def num_image_tokens(self, config) -> int:
+        return llava_token_count(config, config.vision_feature_select_strategy) + 1
+
+
+ONEVISION = OnevisionFamily()
