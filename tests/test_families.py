@@ -5,6 +5,9 @@ inside the trunk; a 2-bit split exports and verifies; and the torch-free device 
 answer over a real mosquitto is the in-process answer, token for token."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -52,11 +55,11 @@ def identity_split_matches_hf(directory, cut: int):
     assert (other - ref)[valid].abs().max().item() > 1e-3  # the image reaches the logits
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_a_family_splits_exactly_exports_verifies_and_answers_over_mosquitto(name, tmp_path, mosquitto):
+def exports_verifies_and_answers(ckpt, cut: int, tmp_path, mosquitto):
+    """A 2-bit split of `ckpt` exports and verifies, and the torch-free device agent's
+    answer over mosquitto is the in-process answer of the same split, token for token."""
     from edgeqtl.device_agent.client import DeviceClient
     from edgeqtl.export.bundle import ExportOptions, export_bundle
-    from edgeqtl.models import zoo
     from edgeqtl.models.batches import Collator, image_spec_of, world_example
     from edgeqtl.models.checkpoint import save_checkpoint
     from edgeqtl.models.generate import generate
@@ -65,16 +68,11 @@ def test_a_family_splits_exactly_exports_verifies_and_answers_over_mosquitto(nam
     from edgeqtl.server_agent.sampling import GenerationSettings
     from edgeqtl.transport import BrokerConfig, RequestClient
 
-    cut, scale = FAMILIES[name]
-    ckpt = zoo.build(name, tmp_path / "hf", scale=scale)
-    for c in sorted({0, max(cut, 1)}):
-        identity_split_matches_hf(ckpt, c)
-
     model = load_split_model(ckpt, SplitConfig(cut=cut, levels=4))
     # the fresh quantizer kept for the in-process answer, with the checkpoint's own tokenizer and chat
     save_checkpoint(model, tmp_path / "model", prompts=load_prompts(ckpt, model))
     result = export_bundle(ExportOptions(tmp_path / "model", tmp_path / "bundle", verify_per_family=1), progress=None)
-    assert result.verification is not None and result.verification.ok, result.verification
+    assert result.verification is not None and result.verification.ok, result.verification.table()
     assert result.manifest.text.image_token_count == model.num_image_tokens
 
     model = load_split_model(tmp_path / "model")
@@ -87,3 +85,106 @@ def test_a_family_splits_exactly_exports_verifies_and_answers_over_mosquitto(nam
     batch = Collator(load_prompts(tmp_path / "model", model), image_spec_of(model))([world_example(s)],
                                                                                     with_answer=False)
     assert answer.token_ids == generate(model, batch, 3, {NEVER})[0] and len(answer.token_ids) == 3
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_family_splits_exactly_exports_verifies_and_answers_over_mosquitto(name, tmp_path, mosquitto):
+    from edgeqtl.models import zoo
+
+    cut, scale = FAMILIES[name]
+    ckpt = zoo.build(name, tmp_path / "hf", scale=scale)
+    for c in sorted({0, max(cut, 1)}):
+        identity_split_matches_hf(ckpt, c)
+    exports_verifies_and_answers(ckpt, cut, tmp_path, mosquitto)
+
+
+# --------------------------------------------------------------------------- TinyLLaVA Factory
+
+TEXT = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 640, "max_position_embeddings": 2048,
+        "tie_word_embeddings": True, "bos_token_id": 500, "eos_token_id": 500}
+VISION = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "image_size": 64, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+          "layer_norm_eps": 1e-6}
+
+
+def write_tinyllava_checkpoint(d):
+    """A checkpoint in TinyLLaVA Factory's layout, from its documented names (not its
+    code): `language_model.` a Qwen2ForCausalLM (tied, so no lm_head saved),
+    `vision_tower._vision_tower.vision_model.` a SiglipVisionModel with its head,
+    `connector._connector.{0,2}.` Linear-GELU-Linear; a diff-only config.json; a tokenizer
+    without <image>. Returns the three modules, for the reference forward."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from edgeqtl.models import zoo
+
+    d.mkdir(parents=True)
+    torch.manual_seed(3)
+    llm = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in TEXT.items() if k != "model_type"})).eval()
+    tower = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in VISION.items() if k != "model_type"})).eval()
+    connector = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    state = {f"language_model.{k}": v for k, v in llm.state_dict().items() if k != "lm_head.weight"}
+    for k, v in tower.state_dict().items():
+        state["vision_tower._vision_tower." + (k if k.startswith("vision_model.") else "vision_model." + k)] = v
+    state.update({f"connector._connector.{k}": v for k, v in connector.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
+    diff_only = lambda c, drop: {k: v for k, v in c.items() if k not in drop}  # noqa: E731
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava",
+        "connector_type": "mlp2x_gelu", "hidden_size": 64, "image_aspect_ratio": "square", "image_token_index": -200,
+        "llm_model_name_or_path": "Qwen/Qwen2-0.5B", "pad_token": "<|endoftext|>", "pad_token_id": 500,
+        "text_config": {**diff_only(TEXT, ("tie_word_embeddings",)), "_name_or_path": "Qwen/Qwen2-0.5B",
+                        "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+        "vision_config": {**VISION, "model_name_or_path": "google/siglip-so400m-patch14-384"},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "patch",
+        "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}))
+    spec = dataclasses.replace(zoo.SPECS["llava-interleave-qwen-0.5b"], base_vocab=500, specials={"<|endoftext|>": 500})
+    (d / "tokenizer.json").write_text(zoo.tokenizer_json(spec))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 500, "eos_token_id": 500}))
+    return llm, tower, connector
+
+
+def test_a_tinyllava_factory_checkpoint_converts_and_passes_the_same_checks(tmp_path, mosquitto):
+    from click.testing import CliRunner
+
+    from edgeqtl.cli import main
+    from edgeqtl.models.load import load_prompts, load_split_model
+
+    llm, tower, connector = write_tinyllava_checkpoint(tmp_path / "tinyllava")
+    run = CliRunner().invoke(main, ["convert", "--model", str(tmp_path / "tinyllava"), "--out", str(tmp_path / "hf")])
+    assert run.exit_code == 0, run.output
+    model = load_split_model(tmp_path / "hf", SplitConfig(cut=1, quantizer="identity"))
+    assert model.num_image_tokens == (64 // 16) ** 2 - 1  # "patch" drops SigLIP's first patch, as TinyLLaVA does
+    prompts = load_prompts(tmp_path / "hf", model)
+    assert prompts.render([("user", "what is it ?")])[0].startswith("A chat between a curious user")
+    assert prompts.chat.assistant == "ASSISTANT:" and prompts.eos_token_id == 500
+
+    # TinyLLaVA's own forward, from its source: hidden_states[-2] without the first token,
+    # the connector, spliced where the -200 placeholder was.
+    before, after = torch.tensor([[7, 8, 9]]), torch.tensor([[10, 11, 12, 13]])
+    pix = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = connector(tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:])
+        emb = llm.get_input_embeddings()
+        ref = llm(inputs_embeds=torch.cat([emb(before), feats, emb(after)], dim=1)).logits
+        n = model.num_image_tokens
+        ids = torch.cat([before, torch.full((1, n), model.parts.image_token_id), after], dim=1)
+        mask = torch.ones_like(ids)
+        ours = model.server(model.client(ids, mask, pix).wire, mask)
+    assert (ours - ref).abs().max().item() < 1e-4
+    exports_verifies_and_answers(tmp_path / "hf", 0, tmp_path, mosquitto)
+
+
+def test_convert_refuses_what_it_cannot_map(tmp_path):
+    from edgeqtl.models.families.tinyllava import ConvertError, convert
+
+    write_tinyllava_checkpoint(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    (tmp_path / "t" / "config.json").write_text(json.dumps({**cfg, "connector_type": "resampler"}))
+    with pytest.raises(ConvertError, match="resampler"):
+        convert(tmp_path / "t", tmp_path / "out")
+    (tmp_path / "t" / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
+    with pytest.raises(ConvertError, match="not a TinyLLaVA one"):
+        convert(tmp_path / "t", tmp_path / "out")

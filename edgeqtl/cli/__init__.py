@@ -2,7 +2,7 @@
 and calls into the package; torch is imported inside the commands that need it, so
 `import edgeqtl` and the device commands stay torch-free.
 
-    workstation  train, eval, calibrate, export, merge, zoo (cli/model.py), bundle inspect (cli/bundle.py)
+    workstation  train, eval, calibrate, export, merge, zoo, convert (cli/model.py), bundle inspect (cli/bundle.py)
     data         data export, data check              (cli/data.py)
     lab          broker, server serve, server train  (cli/serve.py), provision (cli/provision.py)
     device       device ask, device run, device train (cli/device.py)
@@ -21,7 +21,7 @@ from .data import data
 from .demo import demo
 from .device import device
 from .link import link
-from .model import calibrate, evaluate, export, merge, train, zoo
+from .model import calibrate, convert, evaluate, export, merge, train, zoo
 from .provision import provision
 from .serve import broker, server
 
@@ -39,6 +39,6 @@ def main():
     """
 
 
-COMMANDS = [train, evaluate, calibrate, export, merge, zoo, bundle, data, broker, provision, server, device, link, demo, bench]
+COMMANDS = [train, evaluate, calibrate, export, merge, zoo, convert, bundle, data, broker, provision, server, device, link, demo, bench]
 for command in COMMANDS:
     main.add_command(command)

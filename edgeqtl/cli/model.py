@@ -282,6 +282,31 @@ def zoo(name, out, scale):
 
 
 @click.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A TinyLLaVA Factory checkpoint directory (config.json model_type 'tinyllava').")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the Llava checkpoint to.")
+@user_errors
+def convert(model_dir, out):
+    """Convert a TinyLLaVA Factory checkpoint into a Llava one that every edgeqtl command
+    loads, without running its remote code: weights renamed, the -200 image placeholder
+    made a real <image> token, its prompt written as a chat template (docs/MODELS.md).
+
+    \b
+    Example:
+      edgeqtl convert --model ckpt/TinyLLaVA-Qwen2-0.5B-SigLIP --out ckpt/tinyllava-llava
+      edgeqtl export --model ckpt/tinyllava-llava --cut 0 --bits 2 --out bundles/tinyllava
+    """
+    from edgeqtl.models.families.tinyllava import ConvertError, convert as convert_checkpoint
+
+    try:
+        path = convert_checkpoint(model_dir, out)
+    except ConvertError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"{model_dir} -> {path} (a Llava checkpoint)")
+
+
+@click.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
               help="A trained split model (its quantizer's input is measured), or a plain checkpoint.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
