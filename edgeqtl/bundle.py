@@ -86,6 +86,8 @@ class BundleManifest:
     # cut 0: the prefill graph takes pixels alone and returns the image positions' codes;
     # the prompt's text goes up as token ids, embedded by the server (docs/PROTOCOL.md)
     prompt_ids: bool = False
+    # the device's visual token reducer ({"reducer", "tokens", "seed"}), None: every image token goes up
+    image_reduction: dict | None = None
 
     @property
     def fingerprint_bytes(self) -> bytes:

@@ -24,6 +24,7 @@ from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, rele
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
                                  read_split_meta)
+from edgeqtl.models.reduce import all_image_tokens, reduce_image_tokens
 from edgeqtl.models.server_half import save_server_half, update_server_meta
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
@@ -49,6 +50,9 @@ class ExportOptions:
     # cut 0: the prompt's text goes up as token ids, embedded by the server, and the device
     # bundle has no token-embedding table (None: on at cut 0; False: the text as codes too)
     prompt_ids: bool | None = None
+    # keep K of each image's tokens on the device (models/reduce.py): a count or a fraction such as 0.125
+    image_tokens: str | None = None
+    reducer: str | None = None  # divprune (the default), attention, pool, random
 
 
 @dataclasses.dataclass
@@ -137,6 +141,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
     model = load_split_model(model_dir, split, lean=big).eval()
     split = model.split  # code_dim resolved (None: the LLM's hidden size)
+    reduce_image_tokens(model, opts.image_tokens, opts.reducer)  # the model's own reducer, else
+    reduction = model.image_reduction
     prompt_ids = opts.prompt_ids if opts.prompt_ids is not None else split.cut == 0
     if prompt_ids and split.cut != 0:
         raise CheckpointError(f"prompt ids need cut 0 (this split is at cut {split.cut}): at cut > 0 the text "
@@ -178,7 +184,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     entropy = None
     if split.quantizer == "fsq":
         bar = tqdm(total=len(fit), desc="fit entropy model", disable=progress is None, dynamic_ncols=True)
-        entropy = fit_entropy_model(model, fit, prompts, image, batch, bar.update, image_only=prompt_ids)
+        with all_image_tokens(model, prompts) as every:  # one entropy model whatever --image-tokens
+            entropy = fit_entropy_model(model, fit, every, image, batch, bar.update, image_only=prompt_ids)
         bar.close()
         update_server_meta(out / "server", entropy=entropy.to_list())
     ref = None
@@ -196,13 +203,18 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     del model
     release_freed_memory()
     step("freed the PyTorch model")
-    graphs = _variants(graphs, out, opts.target, progress and say)
+    int8 = reduction is None or not reduction.data_dependent
+    if not int8 and opts.target in ("cpu", "arm64"):
+        say(f"no int8 graph: --reducer {reduction.reducer} chooses tokens from the tower's output, and int8 "
+            "rounding there changes which ones (ONNX Runtime's int8 agreed on 67-72% of the codes where 85% is "
+            "needed; docs/MODELS.md, token reduction); the fp32 graph keeps the choice exact")
+    graphs = _variants(graphs, out, opts.target, progress and say, int8=int8)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
                               graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
                               max_context=max_context_of_dir(out / "server"), family=family_of(model_dir),
-                              prompt_ids=prompt_ids)
+                              prompt_ids=prompt_ids, image_reduction=reduction.to_dict() if reduction else None)
     manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     manifest.save(out)
     result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
@@ -307,12 +319,14 @@ def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int
     return done
 
 
-def _variants(graphs, out: Path, target: str, progress) -> list:
-    """fp32 + int8 (cpu, arm64) or fp16 alone (jetson), as GraphSpecs."""
+def _variants(graphs, out: Path, target: str, progress, int8: bool = True) -> list:
+    """fp32 + int8 (cpu, arm64; int8 False: fp32 alone) or fp16 alone (jetson), as GraphSpecs."""
     specs = []
     for role, fp32, inputs, outputs in graphs:
         if target in ("cpu", "arm64"):
             specs.append(graph_spec(fp32, role, "fp32", inputs, outputs))
+            if not int8:
+                continue
             if progress is not None:
                 progress(f"quantizing the {role} graph to int8")
             int8 = out / f"client_{role}.int8.onnx"

@@ -45,6 +45,8 @@ def save_split_model(model: SplitModel, directory: str | Path, extra: dict | Non
     if q:
         save_file({k: v.contiguous() for k, v in q.items()}, str(directory / QUANTIZER_FILE))
     meta = {"split": model.split.to_dict(), **(extra or {})}
+    if model.image_reduction is not None:  # the device's token reducer (models/reduce.py)
+        meta["image_reduction"] = model.image_reduction.to_dict()
     (directory / SPLIT_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 

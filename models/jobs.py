@@ -22,6 +22,7 @@ from edgeqtl.prompt import PromptEncoder
 
 from .batches import Collator, image_spec_of, record_example
 from .evaluation import RecordEvalReport, evaluate, evaluate_records
+from .reduce import reduce_image_tokens
 from .split import SplitConfig, SplitModel
 
 Echo = Callable[[str], None]
@@ -97,7 +98,7 @@ def train_world(model: SplitModel, cfg, out: Path, echo: Echo, progress: bool = 
 
 
 def train_records(split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: Echo, seed: int = 0,
-                  progress: bool = True, preset=None):
+                  progress: bool = True, preset=None, image_tokens=None, reducer=None):
     """A preset (default tiny) from scratch on a user's records: its word vocabulary is
     every word of every turn (and the chat format's), its chat format the shapes world's."""
     from edgeqtl.data import load_records
@@ -114,6 +115,7 @@ def train_records(split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: E
     tokenizer = word_tokenizer(words_of(texts))
     vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
     model = SplitModel(build_preset(preset or PRESETS["tiny"], seed, vocab=vocab), split)
+    reduce_image_tokens(model, image_tokens, reducer)
     prompts = shapes.prompts(model.num_image_tokens, tokenizer)
     records = checked(opts.data, opts, model, prompts, echo)
     echo(f"{len(records)} records, a vocabulary of {len(vocab)} words from them")
@@ -126,7 +128,7 @@ def train_records(split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: E
 
 
 def adapt_records(model_dir: Path, split: SplitConfig, cfg, opts: DataOptions, out: Path, echo: Echo,
-                  progress: bool = True):
+                  progress: bool = True, image_tokens=None, reducer=None):
     from edgeqtl.data import RecordLoader
 
     from .adapt import adapt
@@ -135,6 +137,7 @@ def adapt_records(model_dir: Path, split: SplitConfig, cfg, opts: DataOptions, o
     if split.cut == 0 and split.quantizer == "fsq":
         split = dataclasses.replace(split, exact_text=True)  # the trunk keeps the text's own embeddings
     model = load_split_model(model_dir, split)
+    reduce_image_tokens(model, image_tokens, reducer)  # the device keeps K of each image's tokens
     prompts = load_prompts(model_dir, model)
     echo(f"adapting a {model.split.levels}-level quantizer to {model_dir} at cut {model.split.cut}, "
          f"{cfg.steps} steps -> {out}")

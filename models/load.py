@@ -18,6 +18,7 @@ from edgeqtl.prompt import ChatFormat, PromptEncoder, load_chat
 
 from .families import family_of
 from .hf import quiet_transformers
+from .reduce import ImageReduction
 from .split import QUANTIZER_FILE, SPLIT_CONFIG_FILE, SplitConfig, SplitModel, UnsupportedModelError
 
 
@@ -135,9 +136,11 @@ def _model_key(key: str, state: dict, prefixes) -> str | None:
     return None
 
 
-def load_split_model(directory: str | Path, split: SplitConfig | None = None, lean: bool = False) -> SplitModel:
+def load_split_model(directory: str | Path, split: SplitConfig | None = None, lean: bool = False,
+                     reduction=None) -> SplitModel:
     """Load a checkpoint. An edgeqtl directory carries its split config and quantizer;
-    a plain checkpoint needs `split` and starts with a fresh quantizer. lean: for
+    a plain checkpoint needs `split` and starts with a fresh quantizer. reduction: keep K
+    of each image's tokens on the device (models/reduce.py). lean: for
     export at real size, in the least memory (load_vlm's lean; tied weights stay tied,
     since nothing trains)."""
     from safetensors.torch import load_file
@@ -155,6 +158,8 @@ def load_split_model(directory: str | Path, split: SplitConfig | None = None, le
         split = dataclasses.replace(split, clip_sigmas=saved.clip_sigmas)  # the trained quantizer's own range
     model = SplitModel(hf_model, split, untie=not lean)
     model.image_spec = load_image_spec(directory, model)
+    # the token reducer: the one asked for, else the one the model was trained with
+    model.set_image_reduction(reduction or ImageReduction.from_dict(read_split_meta(directory).get("image_reduction")))
     q_path = directory / QUANTIZER_FILE
     if saved is not None and q_path.is_file() and _same_quantizer(saved, model.split):
         model.load_quantizer_state(load_file(str(q_path)))

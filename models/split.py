@@ -175,10 +175,16 @@ class ClientHalf(nn.Module):
         self.feature_layer = parts.feature_layer
         self.feature_strategy = parts.feature_strategy
         self.family = parts.family
+        self.reducer = None  # models/reduce.py TokenReducer: K of the image's tokens go on
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, N, hidden) what the image positions get: the family's tower and connector."""
-        return self.family.image_features(self, pixel_values)
+        """(B, N, hidden) what the image positions get: the family's tower and connector,
+        then the token reducer where the model has one (N is then K)."""
+        if self.reducer is None:
+            return self.family.image_features(self, pixel_values)
+        if self.reducer.spec.reducer == "attention":
+            return self.reducer(*self.family.image_features_and_attention(self, pixel_values))
+        return self.reducer(self.family.image_features(self, pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.image_token_id
@@ -304,8 +310,28 @@ class SplitModel:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per image, as the family's transformers model counts them."""
+        """Image tokens per image: as the family's transformers model counts them, or K
+        under a token reduction."""
+        if self.client.reducer is not None:
+            return self.client.reducer.spec.tokens + self.family.trailing_tokens
         return self.family.num_image_tokens(self.hf.config)
+
+    @property
+    def image_reduction(self):
+        return self.client.reducer.spec if self.client.reducer is not None else None
+
+    def set_image_reduction(self, spec) -> None:
+        """Keep K of each image's tokens (models/reduce.py; OneVision's newline comes on
+        top), or all of them (spec None).
+        Only the device's graph changes: the server takes the count from each request."""
+        from .reduce import TokenReducer
+
+        if spec is None:
+            self.client.reducer = None
+            return
+        cfg, family = self.hf.config, self.family
+        self.client.reducer = TokenReducer(spec, family.num_image_tokens(cfg) - family.trailing_tokens,
+                                           family.token_grid(cfg), family.trailing_tokens, family.tower_attention)
 
     def next_logits(self, input_ids, attention_mask, pixel_values=None, client_cache: KVCache | None = None,
                     server_cache: KVCache | None = None, quantized: bool = True) -> torch.Tensor:

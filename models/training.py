@@ -33,7 +33,7 @@ from .batches import Batch, Collator, image_spec_of
 from .checkpoint import save_checkpoint
 from .evaluation import evaluate
 from .quantizer import commitment_loss, dequantise, soft_rate_bits
-from .split import SplitModel
+from .split import SplitModel, UnsupportedModelError
 from .steps import adamw, client_backward, lr_at, server_step
 
 
@@ -253,6 +253,12 @@ def train(model: SplitModel, source, cfg: TrainConfig, out_dir: str | Path | Non
 
     torch.manual_seed(cfg.seed)
     n_img = model.num_image_tokens
+    reduction = model.image_reduction
+    if reduction is not None and cfg.probe != "none" and not (cfg.probe == "pixels" and reduction.reducer == "pool"):
+        # a pooled grid is still a grid; a chosen subset no longer maps token i to patch i
+        raise UnsupportedModelError(f"the {cfg.probe} probe reads each image token's own patch, and with --reducer "
+                         f"{reduction.reducer} the kept tokens are a subset: use --probe none (or --reducer pool "
+                         "with --probe pixels)")
     wire_dim = model.split.code_dim if model.split.quantizer == "fsq" else model.hidden_size
     probe = make_probe(cfg.probe, wire_dim, n_img, source, log)
     image_id = model.client.image_token_id

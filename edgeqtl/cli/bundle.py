@@ -46,6 +46,7 @@ def inspect(directory, as_json):
               "quantizer": m.quantizer, "levels": m.levels if m.quantizer == "fsq" else None, "code_dim": m.code_dim,
               "hidden_size": m.hidden_size, "layers": m.num_layers, "target": m.target,
               "image_tokens": m.text.image_token_count, "image_size": m.image.size,
+              "image_reduction": m.image_reduction,
               "max_context": m.max_context, "entropy_coding": m.entropy is not None, "variants": variants,
               "chat": m.text.chat.to_dict(), "generation": generation,
               "files": {name: problem or "ok" for name, problem in problems.items()}}
@@ -68,7 +69,8 @@ def _print(r: dict) -> None:
     click.echo(f"split        cut {r['cut']} of {r['layers']} layers, {r['quantizer']} {levels}, "
                f"{r['code_dim']} codes per token (hidden {r['hidden_size']}), target {r['target']}, "
                f"entropy coding {'on' if r['entropy_coding'] else 'off'}")
-    click.echo(f"image        {r['image_size']} px -> {r['image_tokens']} image tokens; "
+    reduced = f" (kept by {r['image_reduction']['reducer']})" if r.get("image_reduction") else ""
+    click.echo(f"image        {r['image_size']} px -> {r['image_tokens']} image tokens{reduced}; "
                f"context {r['max_context'] or '?'} tokens")
     for v in r["variants"]:
         for i, f in enumerate(v["files"]):

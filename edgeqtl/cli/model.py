@@ -62,10 +62,15 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Save every N steps (0: at the end).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the trained split model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--image-tokens", default=None, metavar="K",
+              help="Train with K of each image's tokens kept on the device (a count or a fraction such as 0.125); "
+                   "the model keeps its reducer, and export uses it.")
+@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default=None,
+              help="How --image-tokens chooses (default divprune; `edgeqtl export --help` says what each does).")
 @user_errors
 def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, levels, baseline, steps, vision_steps,
           probe, curriculum_steps, batch_size, lr, clip_sigmas, rate_weight, trainable, bf16, eval_every, seed, threads,
-          checkpoint_every, out, quiet):
+          checkpoint_every, out, quiet, image_tokens, reducer):
     """Train a split model in one process, through the very path the wire takes (codes
     up, the gradient at the codes back).
 
@@ -88,6 +93,7 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
     from edgeqtl.models import jobs
     from edgeqtl.models.adapt import AdaptConfig
     from edgeqtl.models.presets import build_preset, get_preset
+    from edgeqtl.models.reduce import reduce_image_tokens
     from edgeqtl.models.split import SplitModel
     from edgeqtl.worlds import get_world
 
@@ -106,7 +112,8 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
         cfg = dataclasses.replace(AdaptConfig(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
                                               trainable=tuple(t.strip() for t in trainable.split(",")), bf16=bf16),
                                   **given)
-        jobs.adapt_records(model_dir, split, cfg, opts, out, click.echo, progress=not quiet)
+        jobs.adapt_records(model_dir, split, cfg, opts, out, click.echo, progress=not quiet,
+                           image_tokens=image_tokens, reducer=reducer)
     else:
         spec = get_preset(preset)
         base = spec.train_config(seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every)
@@ -116,10 +123,12 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
                                   **({"vision_steps": vision_steps} if vision_steps is not None else {}),
                                   **({"curriculum_steps": curriculum_steps} if curriculum_steps is not None else {}))
         model = SplitModel(build_preset(spec, seed), split)  # checks the split against the preset before anything runs
+        reduce_image_tokens(model, image_tokens, reducer)
         click.echo(f"training {preset} split at cut {split.cut}, {describe_split(split)}, {cfg.steps} steps on "
                    f"{data or f'the {spec.world} world'} -> {out}")
         if data is not None:
-            jobs.train_records(split, cfg, opts, out, click.echo, seed, progress=not quiet, preset=spec)
+            jobs.train_records(split, cfg, opts, out, click.echo, seed, progress=not quiet, preset=spec,
+                               image_tokens=image_tokens, reducer=reducer)
         else:
             jobs.train_world(model, cfg, out, click.echo, progress=not quiet, world=get_world(spec.world))
     click.echo(f"saved to {out}")
@@ -194,9 +203,17 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
               help="At cut 0 (the default there): the prompt's text goes up as token ids and the server embeds "
                    "them, so the device bundle has no token-embedding table. --prompt-codes: the text as codes too "
                    "(for servers older than protocol version 2).")
+@click.option("--image-tokens", default=None, metavar="K",
+              help="Keep K of each image's tokens on the device (a count, or a fraction such as 0.125): fewer bytes "
+                   "up, a shorter device and server prefill. Default: the model's own (all, unless it was trained "
+                   "with a reducer).")
+@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default=None,
+              help="How --image-tokens chooses: divprune (diversity; the default), attention (VisionZip: the "
+                   "tokens the tower attends to most, plus merged context), pool (average over the grid), random "
+                   "(seeded: the control).")
 @user_errors
 def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family, calibration_data,
-           calibration_samples, verify_samples, batch_size, prompt_ids):
+           calibration_samples, verify_samples, batch_size, prompt_ids, image_tokens, reducer):
     """Compile the client half into an ONNX device bundle, plus the server half.
     --cut/--bits/--levels apply to a plain checkpoint; a trained model keeps its own.
 
@@ -210,7 +227,7 @@ def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family,
 
     res = export_bundle(ExportOptions(model_dir, out, cut, levels_from(bits, levels), target, verify,
                                       verify_per_family, calibration_data, calibration_samples, verify_samples,
-                                      batch_size, prompt_ids), progress=click.echo)
+                                      batch_size, prompt_ids, image_tokens, reducer), progress=click.echo)
     if res.manifest.prompt_ids:
         click.echo("prompt ids: the text goes up as token ids; the bundle has no token-embedding table")
     m = res.manifest

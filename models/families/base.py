@@ -54,8 +54,23 @@ class Family:
         .projector, .feature_layer, .feature_strategy (a VLMParts or a ClientHalf)."""
         raise NotImplementedError
 
+    def image_features_and_attention(self, parts, pixel_values):
+        """(features, attention): the attention the image tokens receive in the tower's
+        feature layer, (B, heads, N, N) over the same N tokens, for the `attention`
+        reducer (models/reduce.py); None where the image tokens are not the tower's."""
+        return self.image_features(parts, pixel_values), None
+
     def num_image_tokens(self, config) -> int:
         raise NotImplementedError
+
+    def token_grid(self, config) -> int | None:
+        """The side of the square grid the image tokens form (pooling needs it), or None."""
+        return None
+
+    # Tokens the family always appends after an image's features (LLaVA-OneVision's newline).
+    trailing_tokens: int = 0
+    # Whether the image tokens are the tower's own (the attention reducer ranks them by it).
+    tower_attention: bool = True
 
     def image_size(self, config) -> int:
         return int(config.vision_config.image_size)

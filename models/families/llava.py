@@ -4,7 +4,7 @@ projector (an MLP); one image token per feature, spliced in at the image token's
 1-D positions."""
 from __future__ import annotations
 
-from .base import (Family, UnsupportedModelError, VLMParts, base_model, check_decoder, lm_head_of,
+from .base import (Family, UnsupportedModelError, VLMParts, base_model, check_decoder, has_cls, lm_head_of,
                    llava_token_count, select_features)
 
 
@@ -41,8 +41,22 @@ class LlavaFamily(Family):
         out = parts.vision_tower(pixel_values, output_hidden_states=True)
         return parts.projector(select_features(out, parts.feature_layer, parts.feature_strategy))
 
+    def image_features_and_attention(self, parts, pixel_values):
+        out = parts.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        layer = parts.feature_layer if isinstance(parts.feature_layer, int) else parts.feature_layer[-1]
+        # hidden_states[i] is layer i - 1's output, so a negative index names the same layer in both
+        attention = out.attentions[layer if layer < 0 else layer - 1]
+        if parts.feature_strategy == "default":
+            attention = attention[:, :, 1:, 1:]
+        return parts.projector(select_features(out, parts.feature_layer, parts.feature_strategy)), attention
+
     def num_image_tokens(self, config) -> int:
         return llava_token_count(config, config.vision_feature_select_strategy)
+
+    def token_grid(self, config) -> int | None:
+        vc = config.vision_config
+        plain = config.vision_feature_select_strategy == "full" and not has_cls(vc)
+        return vc.image_size // vc.patch_size if plain else None
 
 
 LLAVA = LlavaFamily()

@@ -29,6 +29,7 @@ class ProjectorWithNewline(nn.Module):
 
 class OnevisionFamily(LlavaFamily):
     name = "llava_onevision"
+    trailing_tokens = 1  # the newline
     model_types = ("llava_onevision",)
     checkpoint_prefixes = LlavaFamily.checkpoint_prefixes + (("image_newline", "model.image_newline"),)
 

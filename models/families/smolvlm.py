@@ -48,6 +48,7 @@ class SmolVLMFamily(Family):
     name = "smolvlm"
     model_types = ("idefics3", "smolvlm")
     image_wrap = "<fake_token_around_image><global-img>{image}<fake_token_around_image>"
+    tower_attention = False  # the pixel shuffle merges 16 of the tower's tokens into each image token
 
     def hf_class(self, model_type: str = "smolvlm"):
         if model_type == "idefics3":
@@ -75,6 +76,9 @@ class SmolVLMFamily(Family):
     def num_image_tokens(self, config) -> int:
         vc = config.vision_config
         return (vc.image_size // vc.patch_size) ** 2 // config.scale_factor ** 2
+
+    def token_grid(self, config) -> int | None:
+        return config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
 
 
 SMOLVLM = SmolVLMFamily()

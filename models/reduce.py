@@ -1,0 +1,195 @@
+"""Visual token reduction on the device: K of an image's N tokens go on, after the
+connector and before the cut layers and the quantizer, so the uplink, the device's own
+layers and the server's prefill all shrink by N / K.
+
+    ImageReduction("divprune", 64)   max-min diversity over the features (DivPrune)
+    ImageReduction("attention", 64)  the tokens the tower's last layer attends to most, plus
+                                     a few contextual tokens merged from the rest (VisionZip)
+    ImageReduction("pool", 64)       average pooling over the patch grid (8 x 8 of 27 x 27)
+    ImageReduction("random", 64)     a seeded choice: the control
+
+Kept tokens stay in their original order (pooling keeps the grid's). The prompt simply
+holds K image tokens, so positions are those of the shorter sequence, consecutive: the
+convention of VisionZip and DivPrune in LLaVA, and the only one a server that never
+sees the original count can reproduce. Every reducer exports to ONNX with a dynamic
+batch (export/graphs.py) and is covered by export's ONNX-against-PyTorch check.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families.base import UnsupportedModelError
+
+REDUCERS = ("divprune", "attention", "pool", "random")
+CONTEXT_FRACTION = 0.125  # VisionZip's share of contextual (merged) tokens: 8 of 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageReduction:
+    reducer: str
+    tokens: int  # K, the image tokens kept per image
+    seed: int = 0  # `random` only
+
+    def __post_init__(self):
+        if self.reducer not in REDUCERS:
+            raise UnsupportedModelError(f"--reducer must be one of {', '.join(REDUCERS)}, got {self.reducer!r}")
+        if self.tokens < 1:
+            raise UnsupportedModelError(f"--image-tokens must be at least 1, got {self.tokens}")
+
+    @property
+    def data_dependent(self) -> bool:
+        """Chooses tokens from the features themselves (so int8 rounding can change the choice)."""
+        return self.reducer in ("divprune", "attention")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ImageReduction | None":
+        return cls(**d) if d else None
+
+    @classmethod
+    def parse(cls, tokens: str | float | int | None, reducer: str | None, full: int) -> "ImageReduction | None":
+        """--image-tokens K (a count, or a fraction such as 0.125 of the `full` count) and
+        --reducer; None when neither asks for a reduction."""
+        if tokens is None:
+            if reducer is not None:
+                raise UnsupportedModelError("--reducer needs --image-tokens K (a count, or a fraction such as 0.125)")
+            return None
+        value = float(tokens)
+        k = int(round(value * full)) if 0 < value < 1 else int(value)
+        if value != int(value) and not 0 < value < 1:
+            raise UnsupportedModelError(f"--image-tokens takes a count or a fraction in (0, 1), got {tokens}")
+        if not 1 <= k <= full:
+            raise UnsupportedModelError(f"--image-tokens {tokens} gives {k} of the image's {full} tokens; "
+                                        f"ask for 1 to {full}")
+        return cls(reducer or "divprune", k)
+
+
+def reduce_image_tokens(model, tokens, reducer: str | None) -> None:
+    """--image-tokens / --reducer applied to a SplitModel (nothing when neither is given)."""
+    if tokens is None and reducer is None:
+        return
+    full = model.family.num_image_tokens(model.hf.config) - model.family.trailing_tokens
+    model.set_image_reduction(ImageReduction.parse(tokens, reducer, full))
+
+
+@contextlib.contextmanager
+def all_image_tokens(model, prompts):
+    """The model and a prompt encoder without the token reducer, for a while: export fits
+    the entropy model on every image token, so that bundles of one model with different K
+    share it (and the server half that holds it serves them all)."""
+    spec = model.image_reduction
+    if spec is None:
+        yield prompts
+        return
+    full = copy.copy(prompts)
+    model.set_image_reduction(None)
+    full.image_token_count = model.num_image_tokens
+    try:
+        yield full
+    finally:
+        model.set_image_reduction(spec)
+
+
+class TokenReducer(nn.Module):
+    """(B, N + T, H) image features -> (B, K + T, H). `grid`: the side of the patch grid
+    when the N tokens form one (pooling needs it); `trailing`: T tokens the family always
+    appends, kept as they are (LLaVA-OneVision's newline)."""
+
+    def __init__(self, spec: ImageReduction, full: int, grid: int | None, trailing: int = 0,
+                 tower_attention: bool = True):
+        super().__init__()
+        self.spec, self.full, self.grid, self.trailing = spec, full, grid, trailing
+        self.k, n = spec.tokens, full
+        if not self.k <= n:
+            raise UnsupportedModelError(f"--image-tokens {self.k}: the image has {n} tokens")
+        if spec.reducer == "attention" and not tower_attention:
+            raise UnsupportedModelError("--reducer attention ranks the tower's own tokens by the attention they "
+                                        "receive; this family's connector merges them first (use divprune, pool "
+                                        "or random)")
+        if spec.reducer == "pool":
+            side = math.isqrt(self.k)
+            if grid is None or side * side != self.k:
+                raise UnsupportedModelError(
+                    "--reducer pool needs a square --image-tokens (16, 64, 144, ...) and image tokens that form a "
+                    "grid" + ("" if grid else " (this model's do not: its tower adds or drops a token)"))
+            self.side = side
+        if spec.reducer == "random":
+            g = torch.Generator().manual_seed(spec.seed)
+            keep = torch.randperm(n, generator=g)[: self.k].sort().values
+            self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self, feats: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+        tail = feats[:, feats.shape[1] - self.trailing:] if self.trailing else None
+        x = feats[:, : feats.shape[1] - self.trailing] if self.trailing else feats
+        reducer = self.spec.reducer
+        if reducer == "random":
+            out = x[:, self.keep]
+        elif reducer == "pool":
+            b, n, h = x.shape
+            grid = x.transpose(1, 2).reshape(b, h, self.grid, self.grid)
+            out = F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
+        elif reducer == "divprune":
+            out = _gather(x, divprune(x, self.k))
+        else:
+            if attention is None:
+                raise UnsupportedModelError("--reducer attention needs the tower's attention; this family's "
+                                            "image tokens are not the tower's (use divprune, pool or random)")
+            out = visionzip(x, attention, self.k)
+        return torch.cat([out, tail], dim=1) if tail is not None else out
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def divprune(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K) indices, ascending, of a max-min diverse subset under cosine distance:
+    the first token is the one farthest from its nearest neighbour; each next one is the
+    token farthest from those chosen (greedy max-min, as DivPrune solves it)."""
+    u = F.normalize(x.float(), dim=-1)
+    dist = 1 - u @ u.transpose(1, 2)  # (B, N, N)
+    n = x.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    first = dist.masked_fill(eye, float("inf")).amin(-1).argmax(-1)  # (B,)
+    chosen = [first]
+    nearest = torch.gather(dist, 1, first.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)  # (B, N): to the chosen set
+    for _ in range(k - 1):
+        nxt = nearest.argmax(-1)
+        chosen.append(nxt)
+        d = torch.gather(dist, 1, nxt.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)
+        nearest = torch.minimum(nearest, d)
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+def visionzip(x: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """VisionZip for a tower without a class token: the K - C tokens that receive the most
+    attention (mean over heads and queries of the tower's last layer) stay, in order;
+    the rest are merged into C contextual tokens, each the mean of the remaining tokens
+    most similar to one of C evenly spaced targets among them."""
+    b, n, h = x.shape
+    contextual = min(max(1, int(k * CONTEXT_FRACTION)), k - 1) if k > 1 else 0
+    dominant = k - contextual
+    received = attention.float().mean(dim=1).mean(dim=1)  # (B, N): attention each token receives
+    order = received.argsort(dim=-1, descending=True)
+    keep = order[:, :dominant].sort(dim=1).values
+    out = _gather(x, keep)
+    if not contextual:
+        return out
+    rest_idx = order[:, dominant:].sort(dim=1).values  # the others, in order
+    rest = _gather(x, rest_idx)  # (B, R, H)
+    r = n - dominant
+    step = r // contextual
+    targets = rest[:, torch.arange(contextual, device=x.device) * step]  # (B, C, H)
+    sim = F.normalize(rest.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).transpose(1, 2)  # (B, R, C)
+    assign = F.one_hot(sim.argmax(-1), contextual).to(x.dtype)  # (B, R, C)
+    merged = assign.transpose(1, 2) @ rest / assign.sum(1).clamp(min=1).unsqueeze(-1)
+    return torch.cat([out, merged], dim=1)

@@ -1,0 +1,137 @@
+"""Visual token reduction on the device (models/reduce.py): each reducer keeps K tokens
+in their original order, the reduced client exports to ONNX and verifies against
+PyTorch, one server half answers bundles with different K (it takes the count from
+each request), and training records the reducer for export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeqtl import shapes
+from edgeqtl.models.reduce import ImageReduction, TokenReducer, divprune, visionzip
+from edgeqtl.models.split import SplitConfig, UnsupportedModelError
+
+NEVER = 10 ** 9
+
+
+def _rows_of(out: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """For each output row, the index of the equal input row."""
+    return [int((x[0] - row).abs().sum(-1).argmin()) for row in out[0]]
+
+
+@pytest.mark.parametrize("reducer", ["divprune", "random"])
+def test_selecting_reducers_keep_input_tokens_in_their_order(reducer):
+    x = torch.randn(1, 36, 8)
+    out = TokenReducer(ImageReduction(reducer, 9), 36, 6)(x)
+    rows = _rows_of(out, x)
+    assert out.shape == (1, 9, 8) and rows == sorted(set(rows)) and len(rows) == 9
+    assert torch.equal(out[0], x[0, rows])
+
+
+def test_divprune_keeps_one_of_each_duplicate_group():
+    base = torch.randn(4, 16)
+    x = base.repeat_interleave(5, dim=0)[None]  # 4 distinct tokens, 5 copies each
+    idx = divprune(x, 4)[0].tolist()
+    assert sorted(i // 5 for i in idx) == [0, 1, 2, 3]  # one per group, never two copies
+
+
+def test_pooling_averages_blocks_of_the_grid():
+    x = torch.arange(36 * 2, dtype=torch.float32).view(1, 36, 2)
+    out = TokenReducer(ImageReduction("pool", 9), 36, 6)(x)
+    grid = x[0].view(6, 6, 2)
+    assert torch.allclose(out[0, 0], grid[:2, :2].reshape(-1, 2).mean(0))
+    assert torch.allclose(out[0, 8], grid[4:, 4:].reshape(-1, 2).mean(0))
+
+
+def test_visionzip_keeps_the_most_attended_tokens_and_merges_the_rest():
+    x = torch.randn(1, 20, 4)
+    attn = torch.zeros(1, 2, 20, 20)
+    attn[..., [3, 7, 11, 15, 19, 1, 5]] = 1.0  # every query looks at these
+    out = visionzip(x, attn, 8)  # 7 dominant + 1 contextual
+    assert torch.equal(out[0, :7], x[0, [1, 3, 5, 7, 11, 15, 19]])
+    rest = [i for i in range(20) if i not in (1, 3, 5, 7, 11, 15, 19)]
+    assert torch.allclose(out[0, 7], x[0, rest].mean(0), atol=1e-6)  # one target: all the rest merged
+
+
+def test_bad_reductions_are_one_clear_line():
+    with pytest.raises(UnsupportedModelError, match="square"):
+        TokenReducer(ImageReduction("pool", 10), 36, 6)
+    with pytest.raises(UnsupportedModelError, match="connector merges them"):
+        TokenReducer(ImageReduction("attention", 8), 64, 8, tower_attention=False)
+    with pytest.raises(UnsupportedModelError, match="1 to 729"):
+        ImageReduction.parse("800", None, 729)
+    with pytest.raises(UnsupportedModelError, match="--image-tokens"):
+        ImageReduction.parse(None, "pool", 729)
+    with pytest.raises(UnsupportedModelError, match="--reducer must be one of"):
+        ImageReduction.parse("64", "zip", 729)
+    assert ImageReduction.parse("0.125", None, 729) == ImageReduction("divprune", 91)
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    from edgeqtl.models import zoo
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.load import load_prompts, load_split_model
+
+    d = tmp_path_factory.mktemp("reduce")
+    hf = zoo.build("llava-onevision-qwen2-0.5b", d / "hf", scale=0.05)
+    model = load_split_model(hf, SplitConfig(cut=0, levels=4))
+    save_checkpoint(model, d / "model", prompts=load_prompts(hf, model))  # one quantizer for every bundle
+    return d
+
+
+def test_reduced_bundles_verify_and_one_server_answers_every_k(onevision, mosquitto):
+    from edgeqtl.bundle import BundleManifest
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+    from edgeqtl.models.batches import Collator, image_spec_of, world_example
+    from edgeqtl.models.generate import generate
+    from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.server_agent.agent import ServerAgent, load_engine
+    from edgeqtl.server_agent.sampling import GenerationSettings
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    d = onevision
+    full = export_bundle(ExportOptions(d / "model", d / "full", verify=False), progress=None).manifest
+    runs = {}
+    for reducer, k in [("divprune", 16), ("pool", 16), ("attention", 16)]:
+        res = export_bundle(ExportOptions(d / "model", d / reducer, verify_per_family=1, image_tokens=str(k),
+                                          reducer=reducer), progress=None)
+        assert res.verification.ok, res.verification.table()
+        m = BundleManifest.load(d / reducer)
+        assert m.text.image_token_count == k + 1 and m.image_reduction["reducer"] == reducer  # + the newline
+        assert m.fingerprint == full.fingerprint  # the server half is the same
+        variants = {g.variant for g in m.graphs}
+        assert variants == ({"fp32"} if reducer != "pool" else {"fp32", "int8"})  # int8 would flip the choice
+        runs[reducer] = k
+
+    engine = load_engine(d / "full" / "server")
+    engine.settings = GenerationSettings(eos_token_ids=(NEVER,), max_new_tokens=3)
+    cfg = BrokerConfig(port=mosquitto.port)
+    s = shapes.heldout(1)[0]
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-reduce") as t:
+        answers = {name: DeviceClient(d / name).ask(t, s.image, s.question) for name in ["full", *runs]}
+    for reducer, k in runs.items():
+        model = load_split_model(d / "model", reduction=ImageReduction(reducer, k))
+        batch = Collator(load_prompts(d / "model", model), image_spec_of(model))([world_example(s)], with_answer=False)
+        assert answers[reducer].token_ids == generate(model, batch, 3, {NEVER})[0]
+        assert answers[reducer].bytes_up < 0.2 * answers["full"].bytes_up  # 17 of 730 image tokens' codes
+
+
+def test_training_records_the_reducer_and_export_uses_it(tmp_path):
+    from edgeqtl.cli import main
+    from edgeqtl.models.load import load_split_model
+
+    out = tmp_path / "tiny"
+    run = CliRunner().invoke(main, ["train", "--preset", "tiny", "--bits", "2", "--steps", "2", "--vision-steps", "0",
+                                    "--probe", "none", "--image-tokens", "2", "--reducer", "random", "--out", str(out),
+                                    "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert json.loads((out / "edgeqtl_split.json").read_text())["image_reduction"]["tokens"] == 2
+    assert load_split_model(out).num_image_tokens == 2
+    refused = CliRunner().invoke(main, ["train", "--preset", "tiny", "--steps", "2", "--image-tokens", "2",
+                                        "--out", str(tmp_path / "x"), "--quiet"])
+    assert refused.exit_code != 0 and "--probe none" in refused.output
