@@ -35,15 +35,44 @@ class ImageSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"
+    # Idefics3/SmolVLM processors first resize the longest edge to this (keeping the
+    # aspect ratio, an even short side), then to the square: None for one resize
+    longest_edge: int | None = None
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+        d = {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+        if self.longest_edge is not None:
+            d["longest_edge"] = self.longest_edge
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSpec":
         if d.get("resample", "bicubic") not in _RESAMPLING:
             raise ImageError(f"unknown resampling {d.get('resample')!r}; expected one of {sorted(_RESAMPLING)}")
-        return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), d.get("resample", "bicubic"))
+        edge = d.get("longest_edge")
+        return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
+                   d.get("resample", "bicubic"), int(edge) if edge is not None else None)
+
+
+_MAX_LONGEST_EDGE = 4096  # transformers' Idefics3 MAX_IMAGE_SIZE
+
+
+def longest_edge_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) with the longest edge at `longest`, as Idefics3's processor rounds
+    it: the short side truncated, then made even; then kept under 4096."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    if width >= height and width > _MAX_LONGEST_EDGE:
+        width, height = _MAX_LONGEST_EDGE, int(_MAX_LONGEST_EDGE / aspect)
+    elif height > width and height > _MAX_LONGEST_EDGE:
+        height, width = _MAX_LONGEST_EDGE, int(_MAX_LONGEST_EDGE * aspect)
+    return max(width, 1), max(height, 1)
 
 
 def load_image(path: str | Path, decode_size: int | None = None) -> Image.Image:
@@ -89,6 +118,9 @@ def preprocess(images, spec: ImageSpec) -> np.ndarray:
             if im.shape[:2] != (spec.size, spec.size):
                 im = Image.fromarray(im)
         if isinstance(im, Image.Image):
-            im = np.asarray(im.convert("RGB").resize((spec.size, spec.size), _RESAMPLING[spec.resample]))
+            im = im.convert("RGB")
+            if spec.longest_edge is not None:
+                im = im.resize(longest_edge_size(*im.size, spec.longest_edge), _RESAMPLING[spec.resample])
+            im = np.asarray(im.resize((spec.size, spec.size), _RESAMPLING[spec.resample]))
         out[i] = (im.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
     return out

@@ -188,3 +188,30 @@ def test_convert_refuses_what_it_cannot_map(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ConvertError, match="not a TinyLLaVA one"):
         convert(tmp_path / "t", tmp_path / "out")
+
+
+def test_smolvlm_prompt_ids_and_pixels_match_its_hf_processor(tmp_path):
+    """The torch-free prompt encoder and image preprocessing give SmolVLM's own processor's
+    token ids (the image wrapped in its markers) and pixel values (the longest edge to
+    2048 first, then the 512 px square; splitting off). LLaVA-OneVision's processor needs
+    torchvision, which is not installed, so only its token count is checked (above)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from edgeqtl.imageproc import preprocess
+    from edgeqtl.models import zoo
+    from edgeqtl.models.load import load_image_spec, load_prompts, load_split_model
+
+    ckpt = zoo.build("smolvlm-256m", tmp_path / "hf", scale=0.05)
+    model = load_split_model(ckpt, SplitConfig(cut=0, levels=4))
+    processor = AutoProcessor.from_pretrained(ckpt)
+    question = "what colour is the square on the left ?"
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    hf = processor(images=[image], text=text, return_tensors="np", do_image_splitting=False)
+    ids, mask = load_prompts(ckpt, model).encode([question])
+    assert ids[0][mask[0] == 1].tolist() == hf["input_ids"][0].tolist()
+    assert int((ids[0] == model.parts.image_token_id).sum()) == model.num_image_tokens == 64
+    np.testing.assert_allclose(preprocess([image], load_image_spec(ckpt, model)), hf["pixel_values"][0], atol=1e-5)
