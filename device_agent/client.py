@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from edgeqtl.bundle import BundleManifest
 from edgeqtl.errors import RemoteError
 from edgeqtl.imageproc import load_image, preprocess
 from edgeqtl.prompt import PromptEncoder, PromptError
+from edgeqtl.tiling import TileSpec, split_image, tiles_text
 from edgeqtl.transport import RequestTimeout
 from edgeqtl.wire import (Frame, FrameKind, ImageRef, InferOptions, array_part, codes_part, encode_frame,
                           frame_of, header_nbytes, image_digest, infer_request_frame, new_request_id, raise_if_error)
@@ -77,14 +79,22 @@ class DeviceClient:
     def _encode(self, image, prompt: str):
         """encode(), with the prompt's ids (1, T) too: -> (wire, ids, mask, past)."""
         img = load_image(image) if isinstance(image, (str, Path)) else image
-        pix = preprocess(img, self.manifest.image)
-        ids, mask = self.prompts.encode([prompt])
+        tiling = TileSpec.from_dict(self.manifest.image_tiling)
+        if tiling is not None:  # SmolVLM's splitting: tiles + the global view, one batch through the image graph
+            img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+            pix, rows, cols = split_image(img, self.manifest.image, tiling)
+            ids, mask = self.prompts.encode([prompt], tiles_text(rows, cols, self.prompts.image_token, tiling),
+                                            rows * cols * tiling.tokens_per_tile)
+        else:
+            pix = preprocess(img, self.manifest.image)
+            ids, mask = self.prompts.encode([prompt])
         limit = self.manifest.max_context
         if limit is not None and ids.shape[1] >= limit:  # refused here, before any byte is sent
             raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
                               f"{limit} (its answer needs room too); shorten the prompt")
         if self.manifest.prompt_ids:
-            return self.prefill.run(None, {"pixel_values": pix})[0], ids, mask, []
+            codes = self.prefill.run(None, {"pixel_values": pix})[0]  # (views, tokens, D): one image, in order
+            return codes.reshape(1, -1, codes.shape[-1]), ids, mask, []
         out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
         return out[0], ids, mask, out[1:]
 
@@ -110,10 +120,12 @@ class DeviceClient:
 
     def image_span(self, ids: np.ndarray) -> tuple[int, int] | None:
         """(first position, count) of the image tokens in a one-row prompt, when they are
-        one run (else None: the image is not sent by reference)."""
+        one run or go with prompt ids (else None: the image is not sent by reference)."""
         where = np.flatnonzero(ids[0] == self.prompts.image_token_id)
-        if not len(where) or where[-1] - where[0] + 1 != len(where):
+        if not len(where):
             return None
+        if where[-1] - where[0] + 1 != len(where) and not self.manifest.prompt_ids:
+            return None  # with prompt ids the server finds the image's positions itself (a split image's are not one run)
         return int(where[0]), len(where)
 
     def prompt_request(self, wire: np.ndarray, ids: np.ndarray, options: InferOptions, request_id: bytes,

@@ -88,6 +88,8 @@ class BundleManifest:
     prompt_ids: bool = False
     # the device's visual token reducer ({"reducer", "tokens", "seed"}), None: every image token goes up
     image_reduction: dict | None = None
+    # SmolVLM's image splitting (edgeqtl.tiling.TileSpec), None: one view per image
+    image_tiling: dict | None = None
 
     @property
     def fingerprint_bytes(self) -> bytes:

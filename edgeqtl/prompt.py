@@ -74,18 +74,19 @@ class ChatFormat:
                    image_first=i_img < i_txt, image_separator=template[first[0] + len(first[1]):second[0]])
 
     # ---------------------------------------------------------------- rendering
-    def render(self, turns: Sequence[tuple[str, str]], image: str) -> tuple[str, list[tuple[int, int]]]:
+    def render(self, turns: Sequence[tuple[str, str]], image: str,
+               wrapped: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """(text, answer spans): the conversation as one string, and the character span
         of each assistant turn's text and end (what training puts its loss on). `turns`
         alternate (role, text) from the user; `image` replaces the first user turn's
-        marker (or is joined to its text)."""
+        marker (or is joined to its text), inside `image_wrap` unless it is `wrapped` already."""
         out, spans = [self.prefix], []
         for i, (role, text) in enumerate(turns):
             if (role == USER) != (i % 2 == 0):
                 raise PromptError(f"turn {i + 1} is {role!r}: turns alternate user, assistant, ... from the user")
             if role == USER:
                 if i == 0:
-                    text = self.place_image(text, self.image_wrap.replace("{image}", image))
+                    text = self.place_image(text, image if wrapped else self.image_wrap.replace("{image}", image))
                 template = self.user if i == 0 or self.user_next is None else self.user_next
                 out.append(template.replace("{text}", text))
                 out.append(self.assistant)
@@ -158,20 +159,24 @@ class PromptEncoder:
         save_chat(directory, self.chat, self.image_token, self.tok.id_to_token(self.pad_token_id),
                   self.tok.id_to_token(self.eos_token_id))
 
-    def render(self, turns: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        return self.chat.render(turns, self.image_token * self.image_token_count)
+    def render(self, turns: Sequence[tuple[str, str]], tiles: str = "") -> tuple[str, list[tuple[int, int]]]:
+        """tiles: a split image's tiles' text (edgeqtl.tiling), before its global view."""
+        image = self.chat.image_wrap.replace("{image}", self.image_token * self.image_token_count)
+        return self.chat.render(turns, tiles + image, wrapped=True)
 
-    def encode_conversations(self, conversations: Sequence[Sequence[tuple[str, str]]]) -> Encoded:
-        """Each conversation's ids, with labels on its assistant turns, left padded."""
-        rendered = [self.render(turns) for turns in conversations]
+    def encode_conversations(self, conversations: Sequence[Sequence[tuple[str, str]]], tiles: str = "",
+                             tile_tokens: int = 0) -> Encoded:
+        """Each conversation's ids, with labels on its assistant turns, left padded.
+        tiles, tile_tokens: a split image's tiles' text and image tokens (edgeqtl.tiling)."""
+        rendered = [self.render(turns, tiles) for turns in conversations]
         encs = self.tok.encode_batch([text for text, _ in rendered])
         seqs, labels = [], []
         for (text, spans), turns, e in zip(rendered, conversations, encs):
             ids = list(e.ids)
             n = ids.count(self.image_token_id)
-            if n != self.image_token_count:
+            if n != self.image_token_count + tile_tokens:
                 raise PromptError(f"prompt {turns[0][1][:40]!r} yields {n} image tokens, expected "
-                                  f"{self.image_token_count}: write {IMAGE_MARKER!r} at most once, where the image "
+                                  f"{self.image_token_count + tile_tokens}: write {IMAGE_MARKER!r} at most once, where the image "
                                   "goes, and no image token of your own")
             lab = [IGNORE] * len(ids)
             for k, (a, b) in enumerate(e.offsets):
@@ -188,9 +193,9 @@ class PromptEncoder:
             out.labels[i, T - len(s):] = lab
         return out
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, prompts: Sequence[str], tiles: str = "", tile_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One user turn each, ending in the generation prompt -> (input_ids, attention_mask)."""
-        enc = self.encode_conversations([[(USER, p)] for p in prompts])
+        enc = self.encode_conversations([[(USER, p)] for p in prompts], tiles, tile_tokens)
         return enc.input_ids, enc.attention_mask
 
     def count_tokens(self, turns: Sequence[tuple[str, str]]) -> int:

@@ -53,6 +53,7 @@ class ExportOptions:
     # keep K of each image's tokens on the device (models/reduce.py): a count or a fraction such as 0.125
     image_tokens: str | None = None
     reducer: str | None = None  # divprune (the default), attention, pool, random
+    image_splitting: bool = False  # SmolVLM at cut 0: tiles plus a global view (edgeqtl/tiling.py)
 
 
 @dataclasses.dataclass
@@ -150,6 +151,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if split.exact_text and not prompt_ids:
         raise CheckpointError("this model's server embeds the prompt's text itself (exact text at cut 0: an "
                               "adapted model); it needs the prompt as ids: drop --prompt-codes")
+    tiling = _tiling(opts, model, prompt_ids)
     if not trained:
         say(f"warning: {model_dir} has no trained edgeqtl quantizer; exporting a fresh one "
             "(adapt it with `edgeqtl train --model ... --data ...` for useful codes)")
@@ -214,7 +216,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
                               graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
                               max_context=max_context_of_dir(out / "server"), family=family_of(model_dir),
-                              prompt_ids=prompt_ids, image_reduction=reduction.to_dict() if reduction else None)
+                              prompt_ids=prompt_ids, image_reduction=reduction.to_dict() if reduction else None,
+                              image_tiling=tiling.to_dict() if tiling else None)
     manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     manifest.save(out)
     result = ExportResult(manifest, out, time.time() - t0, {f.name: f.size for f in manifest.files})
@@ -317,6 +320,21 @@ def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int
             inputs, outputs = fn(path)
         done.append((role, path, inputs, outputs))
     return done
+
+
+def _tiling(opts: ExportOptions, model: SplitModel, prompt_ids: bool):
+    """The bundle's image splitting, or None; one line for what cannot split."""
+    if not opts.image_splitting:
+        return None
+    spec = model.family.tile_spec(model)
+    if spec is None:
+        raise CheckpointError(f"--image-splitting is SmolVLM's; a {model.family.name} model takes one view per image")
+    if not prompt_ids:
+        raise CheckpointError("--image-splitting needs cut 0 with prompt ids: the tiles go through the image graph "
+                              "as one batch, and their codes up as one image part")
+    if model.image_reduction is not None:
+        raise CheckpointError("--image-splitting and --image-tokens do not combine yet; choose one")
+    return spec
 
 
 def _variants(graphs, out: Path, target: str, progress, int8: bool = True) -> list:

@@ -97,6 +97,7 @@ _SMOLVLM_VISION = {"model_type": "idefics3_vision", "hidden_act": "gelu_pytorch_
                    "image_size": 512, "intermediate_size": 3072, "layer_norm_eps": 1e-6, "num_attention_heads": 12,
                    "num_hidden_layers": 12, "patch_size": 16}
 _SMOLVLM_SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<global-img>": 49152,
+                     **{f"<row_{r}_col_{c}>": 49153 + 6 * (r - 1) + c - 1 for r in range(1, 7) for c in range(1, 7)},
                      "<fake_token_around_image>": 49189, "<image>": 49190, "<end_of_utterance>": 49279}
 _SMOLVLM_PRE = {"do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True,
                 "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],

@@ -215,3 +215,70 @@ def test_smolvlm_prompt_ids_and_pixels_match_its_hf_processor(tmp_path):
     assert ids[0][mask[0] == 1].tolist() == hf["input_ids"][0].tolist()
     assert int((ids[0] == model.parts.image_token_id).sum()) == model.num_image_tokens == 64
     np.testing.assert_allclose(preprocess([image], load_image_spec(ckpt, model)), hf["pixel_values"][0], atol=1e-5)
+
+
+def test_smolvlm_image_splitting_matches_its_processor_and_answers_over_mosquitto(tmp_path, mosquitto):
+    """--image-splitting: the device's tiles, global view and prompt ids are SmolVLM's
+    processor's with splitting on; the split without a quantizer fed them gives the HF
+    model's logits; a 2-bit bundle sends (rows x cols + 1) x 64 image codes, which the
+    server takes from the request, and answers over mosquitto."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+    from edgeqtl.models import zoo
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.server_agent.agent import ServerAgent, load_engine
+    from edgeqtl.server_agent.sampling import GenerationSettings
+    from edgeqtl.tiling import split_image, tiles_text
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    ckpt = zoo.build("smolvlm-256m", tmp_path / "hf", scale=0.05)
+    model = load_split_model(ckpt, SplitConfig(cut=0, quantizer="identity"))
+    prompts, spec = load_prompts(ckpt, model), model.family.tile_spec(model)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    question = "what is written on the sign ?"
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (700, 1000, 3), dtype=np.uint8))
+    hf = processor(images=[image], text=text, return_tensors="np", do_image_splitting=True)
+    pix, rows, cols = split_image(image, model.image_spec, spec)
+    assert (rows, cols) == (3, 4) and pix.shape == hf["pixel_values"][0].shape == (13, 3, 512, 512)
+    np.testing.assert_allclose(pix, hf["pixel_values"][0], atol=1e-5)
+    ids, mask = prompts.encode([question], tiles_text(rows, cols, prompts.image_token, spec), rows * cols * 64)
+    assert ids[0].tolist() == hf["input_ids"][0].tolist()
+
+    tids = torch.from_numpy(ids)
+    with torch.no_grad():
+        ref = model.hf(input_ids=tids, attention_mask=torch.from_numpy(mask),
+                       pixel_values=torch.from_numpy(hf["pixel_values"])).logits
+        feats = model.client.image_features(torch.from_numpy(pix)).reshape(1, -1, model.hidden_size)
+        is_image = tids == model.parts.image_token_id
+        h = model.client.embed_tokens(torch.where(is_image, 0, tids))
+        h[is_image] = feats[0]
+        ours = model.server.forward_hidden(h, torch.from_numpy(mask))
+    assert (ours - ref).abs().max().item() < 1e-4
+
+    fsq = load_split_model(ckpt, SplitConfig(cut=0, levels=4))
+    save_checkpoint(fsq, tmp_path / "model", prompts=load_prompts(ckpt, fsq))
+    export_bundle(ExportOptions(tmp_path / "model", tmp_path / "bundle", verify=False, image_splitting=True),
+                  progress=None)
+    engine = load_engine(tmp_path / "bundle" / "server")
+    engine.settings = GenerationSettings(eos_token_ids=(NEVER,), max_new_tokens=2)
+    cfg = BrokerConfig(port=mosquitto.port)
+    client, plain = DeviceClient(tmp_path / "bundle"), DeviceClient(tmp_path / "bundle", reuse_images=False)
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-tiles") as t:
+        first = client.ask(t, image, question)
+        again = client.ask(t, image, "and in the corner ?")
+        whole = plain.ask(t, image, "and in the corner ?")
+    image_bytes = 13 * 64 * fsq.split.code_dim * 2 / 8  # 13 views' codes at 2 bits, packed
+    assert len(first.token_ids) == 2 and first.bytes_up > image_bytes
+    assert again.image_by_reference and again.token_ids == whole.token_ids and again.bytes_up < 0.2 * first.bytes_up
+    from edgeqtl.models.load import CheckpointError
+
+    with pytest.raises(CheckpointError, match="needs cut 0 with prompt ids"):
+        export_bundle(ExportOptions(tmp_path / "model", tmp_path / "nope", verify=False, image_splitting=True,
+                                    prompt_ids=False), progress=None)

@@ -211,9 +211,12 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
               help="How --image-tokens chooses: divprune (diversity; the default), attention (VisionZip: the "
                    "tokens the tower attends to most, plus merged context), pool (average over the grid), random "
                    "(seeded: the control).")
+@click.option("--image-splitting", is_flag=True,
+              help="SmolVLM at cut 0: split each image into up to 4 x 4 tiles of 512 px plus a global view, as its "
+                   "processor does (64 image tokens each: more detail, more bytes); default: the global view alone.")
 @user_errors
 def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family, calibration_data,
-           calibration_samples, verify_samples, batch_size, prompt_ids, image_tokens, reducer):
+           calibration_samples, verify_samples, batch_size, prompt_ids, image_tokens, reducer, image_splitting):
     """Compile the client half into an ONNX device bundle, plus the server half.
     --cut/--bits/--levels apply to a plain checkpoint; a trained model keeps its own.
 
@@ -227,7 +230,8 @@ def export(model_dir, cut, bits, levels, target, out, verify, verify_per_family,
 
     res = export_bundle(ExportOptions(model_dir, out, cut, levels_from(bits, levels), target, verify,
                                       verify_per_family, calibration_data, calibration_samples, verify_samples,
-                                      batch_size, prompt_ids, image_tokens, reducer), progress=click.echo)
+                                      batch_size, prompt_ids, image_tokens, reducer, image_splitting),
+                           progress=click.echo)
     if res.manifest.prompt_ids:
         click.echo("prompt ids: the text goes up as token ids; the bundle has no token-embedding table")
     m = res.manifest

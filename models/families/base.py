@@ -63,6 +63,10 @@ class Family:
     def num_image_tokens(self, config) -> int:
         raise NotImplementedError
 
+    def tile_spec(self, model):
+        """The family's image splitting (edgeqtl.tiling.TileSpec), or None where it has none."""
+        return None
+
     def token_grid(self, config) -> int | None:
         """The side of the square grid the image tokens form (pooling needs it), or None."""
         return None

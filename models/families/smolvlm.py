@@ -77,6 +77,13 @@ class SmolVLMFamily(Family):
         vc = config.vision_config
         return (vc.image_size // vc.patch_size) ** 2 // config.scale_factor ** 2
 
+    def tile_spec(self, model):
+        from edgeqtl.tiling import TileSpec
+
+        tile = self.image_size(model.hf.config)
+        edge = getattr(model.image_spec, "longest_edge", None) or 4 * tile
+        return TileSpec(tile, edge, self.num_image_tokens(model.hf.config))
+
     def token_grid(self, config) -> int | None:
         return config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
 
