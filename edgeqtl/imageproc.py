@@ -38,11 +38,15 @@ class ImageSpec:
     # Idefics3/SmolVLM processors first resize the longest edge to this (keeping the
     # aspect ratio, an even short side), then to the square: None for one resize
     longest_edge: int | None = None
+    # LLaVA-OneVision's untiled view: padded to a square in the mean colour, then resized
+    pad_square: bool = False
 
     def to_dict(self) -> dict:
         d = {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
         if self.longest_edge is not None:
             d["longest_edge"] = self.longest_edge
+        if self.pad_square:
+            d["pad_square"] = True
         return d
 
     @classmethod
@@ -51,7 +55,7 @@ class ImageSpec:
             raise ImageError(f"unknown resampling {d.get('resample')!r}; expected one of {sorted(_RESAMPLING)}")
         edge = d.get("longest_edge")
         return cls(int(d["size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
-                   d.get("resample", "bicubic"), int(edge) if edge is not None else None)
+                   d.get("resample", "bicubic"), int(edge) if edge is not None else None, bool(d.get("pad_square")))
 
 
 _MAX_LONGEST_EDGE = 4096  # transformers' Idefics3 MAX_IMAGE_SIZE
@@ -106,6 +110,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def pad_to_square(im: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square of its longest side (transformers' pad_to_square)."""
+    side = max(im.size)
+    out = Image.new("RGB", (side, side), colour)
+    out.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return out
+
+
 def preprocess(images, spec: ImageSpec) -> np.ndarray:
     """PIL images or (H, W, 3) uint8 arrays -> float32 pixel values (B, 3, S, S)."""
     if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
@@ -119,6 +131,8 @@ def preprocess(images, spec: ImageSpec) -> np.ndarray:
                 im = Image.fromarray(im)
         if isinstance(im, Image.Image):
             im = im.convert("RGB")
+            if spec.pad_square and im.width != im.height:
+                im = pad_to_square(im, tuple(int(m * 255) for m in spec.mean))
             if spec.longest_edge is not None:
                 im = im.resize(longest_edge_size(*im.size, spec.longest_edge), _RESAMPLING[spec.resample])
             im = np.asarray(im.resize((spec.size, spec.size), _RESAMPLING[spec.resample]))

@@ -175,12 +175,13 @@ def load_image_spec(directory: Path, model: SplitModel) -> ImageSpec:
     size = model.family.image_size(model.hf.config)
     pre = directory / "preprocessor_config.json"
     if not pre.is_file():
-        return ImageSpec(size)
+        return ImageSpec(size, pad_square=model.family.pad_to_square)
     p = json.loads(pre.read_text())
     edge = (p.get("size") or {}).get("longest_edge") if isinstance(p.get("size"), dict) else None
     two_step = edge is not None and "max_image_size" in p  # Idefics3/SmolVLM: longest edge first, then the square
     return ImageSpec(size, tuple(p.get("image_mean", (0.5,) * 3)), tuple(p.get("image_std", (0.5,) * 3)),
-                     _RESAMPLE.get(p.get("resample", 3), "bicubic"), int(edge) if two_step else None)
+                     _RESAMPLE.get(p.get("resample", 3), "bicubic"), int(edge) if two_step else None,
+                     model.family.pad_to_square)
 
 
 def _same_quantizer(a: SplitConfig, b: SplitConfig) -> bool:

@@ -282,3 +282,24 @@ def test_smolvlm_image_splitting_matches_its_processor_and_answers_over_mosquitt
     with pytest.raises(CheckpointError, match="needs cut 0 with prompt ids"):
         export_bundle(ExportOptions(tmp_path / "model", tmp_path / "nope", verify=False, image_splitting=True,
                                     prompt_ids=False), progress=None)
+
+
+def test_onevision_base_view_pixels_are_its_image_processors_untiled_ones(tmp_path):
+    """An untiled image (transformers' multi-image path) is padded to a square in the mean
+    colour, then resized: the device's pixels equal LLaVA-OneVision's (PIL) image processor's."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from edgeqtl.imageproc import preprocess
+    from edgeqtl.models import zoo
+    from edgeqtl.models.load import load_image_spec, load_split_model
+
+    ckpt = zoo.build("llava-onevision-qwen2-0.5b", tmp_path / "hf", scale=0.05)
+    model = load_split_model(ckpt, SplitConfig(cut=0, levels=4))
+    processor = LlavaOnevisionImageProcessorPil.from_pretrained(ckpt)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    hf = processor([[image, image]], return_tensors="np")  # two images in one sample: neither is tiled
+    np.testing.assert_allclose(preprocess([image], load_image_spec(ckpt, model))[0], hf["pixel_values"][0, 0],
+                               atol=1e-5)

@@ -75,6 +75,8 @@ class Family:
     trailing_tokens: int = 0
     # Whether the image tokens are the tower's own (the attention reducer ranks them by it).
     tower_attention: bool = True
+    # Whether an untiled image is padded to a square (in the mean colour) before its resize.
+    pad_to_square: bool = False
 
     def image_size(self, config) -> int:
         return int(config.vision_config.image_size)

@@ -30,6 +30,7 @@ class ProjectorWithNewline(nn.Module):
 class OnevisionFamily(LlavaFamily):
     name = "llava_onevision"
     trailing_tokens = 1  # the newline
+    pad_to_square = True  # what its processor does to an image it does not tile
     model_types = ("llava_onevision",)
     checkpoint_prefixes = LlavaFamily.checkpoint_prefixes + (("image_newline", "model.image_newline"),)
 
