@@ -30,7 +30,7 @@ from edgeqtl.bundle import BundleManifest
 from edgeqtl.errors import RemoteError
 from edgeqtl.imageproc import load_image, preprocess
 from edgeqtl.prompt import PromptEncoder, PromptError
-from edgeqtl.tiling import TileSpec, split_image, tiles_text
+from edgeqtl.tiling import TileSpec, anyres_index, anyres_views, split_image, tiles_text, tiling_from_dict
 from edgeqtl.transport import RequestTimeout
 from edgeqtl.wire import (Frame, FrameKind, ImageRef, InferOptions, array_part, codes_part, encode_frame,
                           frame_of, header_nbytes, image_digest, infer_request_frame, new_request_id, raise_if_error)
@@ -79,12 +79,18 @@ class DeviceClient:
     def _encode(self, image, prompt: str):
         """encode(), with the prompt's ids (1, T) too: -> (wire, ids, mask, past)."""
         img = load_image(image) if isinstance(image, (str, Path)) else image
-        tiling = TileSpec.from_dict(self.manifest.image_tiling)
-        if tiling is not None:  # SmolVLM's splitting: tiles + the global view, one batch through the image graph
+        tiling, feeds = tiling_from_dict(self.manifest.image_tiling), {}
+        if tiling is not None:
             img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        if isinstance(tiling, TileSpec):  # SmolVLM's splitting: tiles + the global view, one batch through the graph
             pix, rows, cols = split_image(img, self.manifest.image, tiling)
             ids, mask = self.prompts.encode([prompt], tiles_text(rows, cols, self.prompts.image_token, tiling),
                                             rows * cols * tiling.tokens_per_tile)
+        elif tiling is not None:  # OneVision's any-resolution: base view + tiles, laid out by an index
+            pix, rows, cols = anyres_views(img, self.manifest.image, tiling)
+            feeds["image_index"] = anyres_index(img.height, img.width, rows, cols, tiling)
+            extra = len(feeds["image_index"]) - self.prompts.image_token_count
+            ids, mask = self.prompts.encode([prompt], self.prompts.image_token * extra, extra)
         else:
             pix = preprocess(img, self.manifest.image)
             ids, mask = self.prompts.encode([prompt])
@@ -93,7 +99,7 @@ class DeviceClient:
             raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
                               f"{limit} (its answer needs room too); shorten the prompt")
         if self.manifest.prompt_ids:
-            codes = self.prefill.run(None, {"pixel_values": pix})[0]  # (views, tokens, D): one image, in order
+            codes = self.prefill.run(None, {"pixel_values": pix, **feeds})[0]  # (views, tokens, D): one image, in order
             return codes.reshape(1, -1, codes.shape[-1]), ids, mask, []
         out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
         return out[0], ids, mask, out[1:]

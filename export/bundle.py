@@ -29,7 +29,7 @@ from edgeqtl.models.server_half import save_server_half, update_server_meta
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
 from .calibration import fit_entropy_model, user_samples, world_samples
-from .graphs import export_decode, export_image, export_prefill, kv_shape
+from .graphs import export_decode, export_image, export_prefill, export_tiled_image, kv_shape
 from .variants import OPSET, convert_fp16, file_spec, graph_spec, in_child, quantize_int8
 from .verify import reference, server_predictor, verify_graphs
 
@@ -200,7 +200,8 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     if big and prompt_ids:  # the token table: used by the reference's prompts, in no client graph
         model.parts.decoder.embed_tokens.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
         release_freed_memory()
-    graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids)
+    graphs = _export_graphs(model, out, text, image, split.cut, big, progress and say, prompt_ids,
+                            anyres=tiling is not None and tiling.kind == "anyres")
     hidden, layers = model.hidden_size, model.num_layers
     del model
     release_freed_memory()
@@ -297,7 +298,7 @@ def max_context_of_dir(server_dir: Path) -> int | None:
 
 
 def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int, big: bool,
-                   progress, prompt_ids: bool = False) -> list[tuple[str, Path, list[str], list[str]]]:
+                   progress, prompt_ids: bool = False, anyres: bool = False) -> list[tuple[str, Path, list[str], list[str]]]:
     """The client half's fp32 graphs: (role, path, inputs, outputs)."""
     # example inputs: batch 2 and seq > 1, so that the exporter keeps both dynamic
     n_img = model.num_image_tokens
@@ -307,8 +308,13 @@ def _export_graphs(model: SplitModel, out: Path, text: TextSpec, image, cut: int
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
     pix = torch.zeros(2, 3, image.size, image.size)
-    todo = [("prefill", lambda p: export_image(model.client, p, pix, OPSET, external_data=big)) if prompt_ids else
-            ("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET, external_data=big))]
+    if anyres:  # two views, the base view's layout plus its newline twice over
+        index = torch.cat([torch.arange(n_img), torch.arange(n_img - 1) + n_img - 1, torch.tensor([2 * n_img - 2])])
+        todo = [("prefill", lambda p: export_tiled_image(model.client, p, pix, index, OPSET, external_data=big))]
+    elif prompt_ids:
+        todo = [("prefill", lambda p: export_image(model.client, p, pix, OPSET, external_data=big))]
+    else:
+        todo = [("prefill", lambda p: export_prefill(model.client, p, (pix, ids, mask), OPSET, external_data=big))]
     if cut > 0:
         todo.append(("decode", lambda p: export_decode(model.client, p, opset=OPSET, external_data=big)))
     done = []
@@ -328,7 +334,8 @@ def _tiling(opts: ExportOptions, model: SplitModel, prompt_ids: bool):
         return None
     spec = model.family.tile_spec(model)
     if spec is None:
-        raise CheckpointError(f"--image-splitting is SmolVLM's; a {model.family.name} model takes one view per image")
+        raise CheckpointError(f"--image-splitting is SmolVLM's splitting and LLaVA-OneVision's any-resolution "
+                              f"tiling; a {model.family.name} model takes one view per image")
     if not prompt_ids:
         raise CheckpointError("--image-splitting needs cut 0 with prompt ids: the tiles go through the image graph "
                               "as one batch, and their codes up as one image part")

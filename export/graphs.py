@@ -6,6 +6,8 @@
               -> codes (B, 1, D), present_key_i, present_value_i ...   (cut > 0 only)
     image:    pixel_values -> codes (B, N image tokens, D)   (cut 0 with prompt ids: the
               bundle's prefill graph; no token-embedding table on the device)
+    tiled:    pixel_values (views), image_index (P,) -> codes (1, P, D)   (the same, for an
+              image in several views: LLaVA-OneVision's any-resolution tiling)
 
 The KV cache of the client's layers lives on the device and travels in and out of the
 decode graph as plain tensors (B, kv_heads, P, head_dim), so ONNX Runtime needs no
@@ -44,6 +46,15 @@ class ImageGraph(nn.Module):
 
     def forward(self, pixel_values):
         return self.client.image_wire(pixel_values).wire
+
+
+class TiledImageGraph(nn.Module):
+    def __init__(self, client: ClientHalf):
+        super().__init__()
+        self.client = client
+
+    def forward(self, pixel_values, image_index):
+        return self.client.tiled_image_wire(pixel_values, image_index).wire
 
 
 class DecodeGraph(nn.Module):
@@ -93,6 +104,20 @@ def export_image(client: ClientHalf, path, pixel_values, opset: int = 18,
     torch.onnx.export(graph, (pixel_values,), str(path), dynamo=True, opset_version=opset, input_names=inputs,
                       output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}})
+    return inputs, outputs
+
+
+def export_tiled_image(client: ClientHalf, path, pixel_values, image_index, opset: int = 18,
+                       external_data: bool = False) -> tuple[list[str], list[str]]:
+    """The prompt-ids prefill graph of an image in several views (OneVision's any-resolution):
+    views' pixels and the layout index in, the image positions' codes (1, P, D) out."""
+    graph = TiledImageGraph(client).eval()
+    views = torch.export.Dim("views", min=1, max=64)
+    positions = torch.export.Dim("positions", min=2, max=65536)
+    inputs, outputs = ["pixel_values", "image_index"], ["codes"]
+    torch.onnx.export(graph, (pixel_values, image_index), str(path), dynamo=True, opset_version=opset,
+                      input_names=inputs, output_names=outputs, external_data=external_data, verbose=False,
+                      dynamic_shapes={"pixel_values": {0: views}, "image_index": {0: positions}})
     return inputs, outputs
 
 

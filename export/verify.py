@@ -166,7 +166,7 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
         for x, codes, answers in zip(ref.inputs, ref.codes, ref.answer_ids):
             if manifest.prompt_ids:  # the image positions' codes; the text positions are the server's lookup
                 is_image = (x.input_ids == manifest.text.image_token_id) & x.attention_mask.astype(bool)
-                image = sess.run(["codes"], {"pixel_values": x.pixel_values})[0]
+                image = _image_codes(sess, manifest, x.pixel_values)
                 agree.append(_agree(image, codes[is_image].reshape(image.shape), np.ones(image.shape, bool)))
                 out = codes.copy()
                 out[is_image] = image.reshape(-1, image.shape[-1])
@@ -188,6 +188,18 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
             rows.append(VerifyRow(f"decode/{g.variant}", exact, near, None, None, MIN_AGREEMENT[g.variant],
                                   gate_accuracy))
     return VerifyReport(rows, sum(len(x.answers) for x in ref.inputs))
+
+
+def _image_codes(sess, manifest, pixel_values: np.ndarray) -> np.ndarray:
+    """(B, N, D) the image graph's codes for B single-view images. A tiled graph (OneVision's
+    any-resolution) takes one image's views and their layout: each image as its one base
+    view, laid out as without tiling (its tokens, then the newline)."""
+    if "image_index" not in [i.name for i in sess.get_inputs()]:
+        return sess.run(["codes"], {"pixel_values": pixel_values})[0]
+    n = manifest.text.image_token_count - 1
+    index = np.arange(n + 1, dtype=np.int64)  # the view's n tokens, then the newline (source n)
+    return np.concatenate([sess.run(["codes"], {"pixel_values": pixel_values[b:b + 1], "image_index": index})[0]
+                           for b in range(len(pixel_values))])
 
 
 def _verify_decode(bundle_dir, manifest, ref: Reference, variant: str, threads: int) -> tuple[float, float]:

@@ -212,6 +212,14 @@ class ClientHalf(nn.Module):
             raise ValueError("prompt ids need cut 0: at cut > 0 the text positions pass through the device's layers")
         return self.to_wire(self.image_features(pixel_values))
 
+    def tiled_image_wire(self, pixel_values, image_index) -> ClientOutput:
+        """At cut 0, an image in several views (LLaVA-OneVision's any-resolution tiling):
+        the views' features laid out by `image_index` (edgeqtl.tiling.anyres_index), then
+        quantized: (1, P, D)."""
+        if self.split.cut != 0:
+            raise ValueError("tiled images need cut 0 with prompt ids")
+        return self.to_wire(self.family.tile_sources(self, pixel_values)[image_index].unsqueeze(0))
+
     def to_wire(self, h) -> ClientOutput:
         if self.split.quantizer == "fsq":
             codes, values = self.encoder(h)

@@ -303,3 +303,60 @@ def test_onevision_base_view_pixels_are_its_image_processors_untiled_ones(tmp_pa
     hf = processor([[image, image]], return_tensors="np")  # two images in one sample: neither is tiled
     np.testing.assert_allclose(preprocess([image], load_image_spec(ckpt, model))[0], hf["pixel_values"][0, 0],
                                atol=1e-5)
+
+
+def test_onevision_any_resolution_matches_its_processor_and_model_and_answers(tmp_path, mosquitto):
+    """--image-splitting on LLaVA-OneVision: the device's base view and tiles are its image
+    processor's, its layout index gives the HF model's own logits (tiles laid out as one
+    grid, padding cropped, a newline per row), and a 2-bit bundle answers over mosquitto."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+    from edgeqtl.models import zoo
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.server_agent.agent import ServerAgent, load_engine
+    from edgeqtl.server_agent.sampling import GenerationSettings
+    from edgeqtl.tiling import anyres_index, anyres_views
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    ckpt = zoo.build("llava-onevision-qwen2-0.5b", tmp_path / "hf", scale=0.05)
+    model = load_split_model(ckpt, SplitConfig(cut=0, quantizer="identity"))
+    spec, prompts = model.family.tile_spec(model), load_prompts(ckpt, model)
+    processor = LlavaOnevisionImageProcessorPil.from_pretrained(ckpt)
+    for size in [(300, 700), (500, 260)]:  # (height, width): a 1 x 2 and a 2 x 1 grid
+        image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8))
+        hf = processor([image], return_tensors="np")
+        pix, rows, cols = anyres_views(image, model.image_spec, spec)
+        assert pix.shape == hf["pixel_values"][0].shape and rows * cols == 2
+        np.testing.assert_allclose(pix, hf["pixel_values"][0], atol=1e-5)
+        index = anyres_index(*size, rows, cols, spec)
+        extra = len(index) - prompts.image_token_count
+        ids, mask = prompts.encode(["what is it ?"], prompts.image_token * extra, extra)
+        tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
+        with torch.no_grad():
+            ref = model.hf(input_ids=tids, attention_mask=tmask, pixel_values=torch.from_numpy(hf["pixel_values"]),
+                           image_sizes=torch.tensor([size])).logits
+            wire = model.client.tiled_image_wire(torch.from_numpy(pix), torch.from_numpy(index)).wire
+            is_image = tids == model.parts.image_token_id
+            h = model.client.embed_tokens(torch.where(is_image, 0, tids))
+            h[is_image] = wire[0]
+            ours = model.server.forward_hidden(h, tmask)
+        assert (ours - ref).abs().max().item() < 1e-4, size
+
+    fsq = load_split_model(ckpt, SplitConfig(cut=0, levels=4))
+    save_checkpoint(fsq, tmp_path / "model", prompts=load_prompts(ckpt, fsq))
+    res = export_bundle(ExportOptions(tmp_path / "model", tmp_path / "bundle", verify_per_family=1,
+                                      image_splitting=True), progress=None)
+    assert res.verification.ok, res.verification.table()
+    engine = load_engine(tmp_path / "bundle" / "server")
+    engine.settings = GenerationSettings(eos_token_ids=(NEVER,), max_new_tokens=2)
+    cfg = BrokerConfig(port=mosquitto.port)
+    small = Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-anyres") as t:
+        answer = DeviceClient(tmp_path / "bundle").ask(t, small, "what is it ?")
+    assert len(answer.token_ids) == 2

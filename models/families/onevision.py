@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import VLMParts, llava_token_count
+from .base import VLMParts, llava_token_count, select_features
 from .llava import LlavaFamily
 
 
@@ -48,6 +48,25 @@ class OnevisionFamily(LlavaFamily):
 
     def num_image_tokens(self, config) -> int:
         return llava_token_count(config, config.vision_feature_select_strategy) + 1
+
+    def tile_spec(self, model):
+        """Any-resolution tiling, on the checkpoint's grids of at most 9 tiles: there
+        transformers never interpolates the tiles' features (anyres_max_9), so their
+        layout is a plain index (edgeqtl.tiling.anyres_index)."""
+        from edgeqtl.tiling import AnyresSpec
+
+        vc = model.hf.config.vision_config
+        tile = vc.image_size
+        pinpoints = tuple((int(h), int(w)) for h, w in model.hf.config.image_grid_pinpoints
+                          if (h // tile) * (w // tile) <= 9 and h % tile == 0 and w % tile == 0)
+        return AnyresSpec(tile, tile // vc.patch_size, pinpoints) if pinpoints else None
+
+    def tile_sources(self, parts, pixel_values):
+        """(views x N + 1, hidden): every view's projected features, then the newline."""
+        out = parts.vision_tower(pixel_values, output_hidden_states=True)
+        proj = parts.projector
+        feats = proj.projector(select_features(out, parts.feature_layer, parts.feature_strategy))
+        return torch.cat([feats.reshape(-1, feats.shape[-1]), proj.image_newline.to(feats.dtype).view(1, -1)])
 
 
 ONEVISION = OnevisionFamily()
