@@ -16,8 +16,8 @@ from edgeqtl.models.split import SplitConfig
 
 NEVER = 10 ** 9  # an end id no model produces: every answer runs to its length
 
-# name in the zoo: (the cut it is exported at, the zoo's scale); between them cuts 0, 1 and 2
-FAMILIES = {"smolvlm-256m": (1, 0.05), "smolvlm2-256m": (2, 0.1), "llava-onevision-qwen2-0.5b": (0, 0.05)}
+# name in the zoo: (the cut it is exported at, the zoo's scale)
+FAMILIES = {"smolvlm-256m": (1, 0.05), "llava-onevision-qwen2-0.5b": (0, 0.05)}
 
 
 def hf_logits(model, ids, mask, pix):
@@ -96,6 +96,20 @@ def test_a_family_splits_exactly_exports_verifies_and_answers_over_mosquitto(nam
     for c in sorted({0, max(cut, 1)}):
         identity_split_matches_hf(ckpt, c)
     exports_verifies_and_answers(ckpt, cut, tmp_path, mosquitto)
+
+
+def test_smolvlm2_is_the_smolvlm_family_and_splits_exactly():
+    """SmolVLM2 (`model_type: smolvlm`) has SmolVLM's layout under other class names: the
+    same family file, checked at cut 0 and cut 2 (its export is SmolVLM's, tested above)."""
+    import tempfile
+    from pathlib import Path
+
+    from edgeqtl.models import zoo
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = zoo.build("smolvlm2-256m", Path(d) / "hf", scale=0.1)
+        for cut in (0, 2):
+            identity_split_matches_hf(ckpt, cut)
 
 
 # --------------------------------------------------------------------------- TinyLLaVA Factory

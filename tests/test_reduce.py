@@ -31,6 +31,11 @@ def test_selecting_reducers_keep_input_tokens_in_their_order(reducer):
     assert torch.equal(out[0], x[0, rows])
 
 
+def test_random_is_seeded():
+    keep = lambda seed: TokenReducer(ImageReduction("random", 9, seed), 36, 6).keep.tolist()  # noqa: E731
+    assert keep(0) == keep(0) and keep(0) != keep(1) and keep(0) == sorted(keep(0))
+
+
 def test_divprune_keeps_one_of_each_duplicate_group():
     base = torch.randn(4, 16)
     x = base.repeat_interleave(5, dim=0)[None]  # 4 distinct tokens, 5 copies each
@@ -90,35 +95,37 @@ def test_reduced_bundles_verify_and_one_server_answers_every_k(onevision, mosqui
     from edgeqtl.models.batches import Collator, image_spec_of, world_example
     from edgeqtl.models.generate import generate
     from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.models.split import fingerprint
     from edgeqtl.server_agent.agent import ServerAgent, load_engine
     from edgeqtl.server_agent.sampling import GenerationSettings
     from edgeqtl.transport import BrokerConfig, RequestClient
 
     d = onevision
-    full = export_bundle(ExportOptions(d / "model", d / "full", verify=False), progress=None).manifest
+    full = load_split_model(d / "model")
     runs = {}
-    for reducer, k in [("divprune", 16), ("pool", 16), ("attention", 16)]:
+    for reducer, k in [("divprune", 16), ("pool", 16), ("attention", 16), ("random", 16)]:
         res = export_bundle(ExportOptions(d / "model", d / reducer, verify_per_family=1, image_tokens=str(k),
                                           reducer=reducer), progress=None)
         assert res.verification.ok, res.verification.table()
         m = BundleManifest.load(d / reducer)
         assert m.text.image_token_count == k + 1 and m.image_reduction["reducer"] == reducer  # + the newline
-        assert m.fingerprint == full.fingerprint  # the server half is the same
+        assert m.fingerprint == fingerprint(full)  # the server half is the unreduced model's
         variants = {g.variant for g in m.graphs}
-        assert variants == ({"fp32"} if reducer != "pool" else {"fp32", "int8"})  # int8 would flip the choice
+        assert variants == ({"fp32", "int8"} if reducer in ("pool", "random") else {"fp32"})  # int8 flips a choice
         runs[reducer] = k
 
-    engine = load_engine(d / "full" / "server")
+    engine = load_engine(d / "divprune" / "server")  # serves every K
     engine.settings = GenerationSettings(eos_token_ids=(NEVER,), max_new_tokens=3)
     cfg = BrokerConfig(port=mosquitto.port)
     s = shapes.heldout(1)[0]
     with ServerAgent(engine, cfg), RequestClient(cfg, "pi-reduce") as t:
-        answers = {name: DeviceClient(d / name).ask(t, s.image, s.question) for name in ["full", *runs]}
+        answers = {name: DeviceClient(d / name).ask(t, s.image, s.question) for name in runs}
     for reducer, k in runs.items():
         model = load_split_model(d / "model", reduction=ImageReduction(reducer, k))
         batch = Collator(load_prompts(d / "model", model), image_spec_of(model))([world_example(s)], with_answer=False)
         assert answers[reducer].token_ids == generate(model, batch, 3, {NEVER})[0]
-        assert answers[reducer].bytes_up < 0.2 * answers["full"].bytes_up  # 17 of 730 image tokens' codes
+        every_image_token = full.num_image_tokens * full.split.code_dim * 2 / 8  # 730 tokens' codes, packed
+        assert answers[reducer].bytes_up < 0.2 * every_image_token  # 17 of them go, with the prompt's ids
 
 
 def test_training_records_the_reducer_and_export_uses_it(tmp_path):
