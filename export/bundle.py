@@ -142,7 +142,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     big = _checkpoint_bytes(model_dir) > REAL_SIZE_BYTES
     model = load_split_model(model_dir, split, lean=big).eval()
     split = model.split  # code_dim resolved (None: the LLM's hidden size)
-    reduce_image_tokens(model, opts.image_tokens, opts.reducer)  # the model's own reducer, else
+    reduce_image_tokens(model, opts.image_tokens, opts.reducer)  # else the one the model was trained with
     reduction = model.image_reduction
     prompt_ids = opts.prompt_ids if opts.prompt_ids is not None else split.cut == 0
     if prompt_ids and split.cut != 0:
@@ -206,12 +206,12 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     del model
     release_freed_memory()
     step("freed the PyTorch model")
-    int8 = reduction is None or not reduction.data_dependent
-    if not int8 and opts.target in ("cpu", "arm64"):
+    with_int8 = reduction is None or not reduction.data_dependent
+    if not with_int8 and opts.target in ("cpu", "arm64"):
         say(f"no int8 graph: --reducer {reduction.reducer} chooses tokens from the tower's output, and int8 "
             "rounding there changes which ones (ONNX Runtime's int8 agreed on 67-72% of the codes where 85% is "
             "needed; docs/MODELS.md, token reduction); the fp32 graph keeps the choice exact")
-    graphs = _variants(graphs, out, opts.target, progress and say, int8=int8)
+    graphs = _variants(graphs, out, opts.target, progress and say, with_int8=with_int8)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
@@ -344,13 +344,13 @@ def _tiling(opts: ExportOptions, model: SplitModel, prompt_ids: bool):
     return spec
 
 
-def _variants(graphs, out: Path, target: str, progress, int8: bool = True) -> list:
-    """fp32 + int8 (cpu, arm64; int8 False: fp32 alone) or fp16 alone (jetson), as GraphSpecs."""
+def _variants(graphs, out: Path, target: str, progress, with_int8: bool = True) -> list:
+    """fp32 + int8 (cpu, arm64; with_int8 False: fp32 alone) or fp16 alone (jetson), as GraphSpecs."""
     specs = []
     for role, fp32, inputs, outputs in graphs:
         if target in ("cpu", "arm64"):
             specs.append(graph_spec(fp32, role, "fp32", inputs, outputs))
-            if not int8:
+            if not with_int8:
                 continue
             if progress is not None:
                 progress(f"quantizing the {role} graph to int8")
