@@ -206,11 +206,11 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     del model
     release_freed_memory()
     step("freed the PyTorch model")
-    with_int8 = reduction is None or not reduction.data_dependent
+    with_int8 = reduction is None or reduction.int8_safe
     if not with_int8 and opts.target in ("cpu", "arm64"):
         say(f"no int8 graph: --reducer {reduction.reducer} chooses tokens from the tower's output, and int8 "
-            "rounding there changes which ones (ONNX Runtime's int8 agreed on 67-72% of the codes where 85% is "
-            "needed; docs/MODELS.md, token reduction); the fp32 graph keeps the choice exact")
+            "rounding there changes which ones (77.5% of the codes agreed where 85% is needed; docs/MODELS.md, "
+            "token reduction); the fp32 graph keeps the choice exact")
     graphs = _variants(graphs, out, opts.target, progress and say, with_int8=with_int8)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
                               code_dim=split.code_dim if split.quantizer == "fsq" else hidden, hidden_size=hidden,

@@ -29,11 +29,11 @@ def test_missing_checkpoint_directory(tmp_path):
     _one_line_error(r, "not found")
 
 
-def test_non_llava_checkpoint(tmp_path):
+def test_a_checkpoint_of_no_supported_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     r = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", str(tmp_path / "d.json"), "--out",
                                   str(tmp_path / "o")])
-    _one_line_error(r, "not a Llava")
+    _one_line_error(r, "not a supported VLM family")
 
 
 def test_cut_out_of_range(tmp_path):
