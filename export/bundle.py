@@ -209,7 +209,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     with_int8 = reduction is None or reduction.int8_safe
     if not with_int8 and opts.target in ("cpu", "arm64"):
         say(f"no int8 graph: --reducer {reduction.reducer} chooses tokens from the tower's output, and int8 "
-            "rounding there changes which ones (77.5% of the codes agreed where 85% is needed; docs/MODELS.md, "
+            "rounding there changes which ones (77-85% of the codes agreed where 85% is needed; docs/MODELS.md, "
             "token reduction); the fp32 graph keeps the choice exact")
     graphs = _variants(graphs, out, opts.target, progress and say, with_int8=with_int8)
     manifest = BundleManifest(fingerprint=fp, cut=split.cut, quantizer=split.quantizer, levels=split.levels,
