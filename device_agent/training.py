@@ -4,7 +4,8 @@ back. Needs torch (autograd), unlike device inference, which never imports this 
 
     ShapesShard, RecordBatches   where its batches come from: a shard of the shapes
                                  world, or its own data file
-    DeviceTrainer   the client half, its optimizer and checkpoints
+    DeviceTrainer   the client half (and, label-private, the head), its optimizer and
+                    checkpoints
     run_device      the loop: request -> link -> apply, fedavg rounds, checkpoints
 
 The server side and the exactly-once rules are in server_agent/training.py.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,16 @@ import torch
 
 from edgeqtl import shapes
 from edgeqtl.errors import CodedError
-from edgeqtl.wire import (Frame, FrameKind, array_part, codes_part, encode_frame, json_frame, new_request_id,
-                          raise_if_error, tensors_frame, train_request_frame)
+from edgeqtl.wire import (Frame, FrameKind, array_part, codes_part, encode_frame, gradient_part, hidden_part_of,
+                          json_frame, json_part, new_request_id, output_positions, raise_if_error, tensors_frame,
+                          train_request_frame, trunk_request_frame)
+from edgeqtl.errors import RemoteError
 from edgeqtl.models.checkpoint import device_state_name, load_optimizer, load_state, optimizer_tensors, save_state
-from edgeqtl.models.steps import SplitTrainConfig, adamw, client_backward, lr_at
+from edgeqtl.models.steps import SplitTrainConfig, adamw, client_backward, head_step, lr_at
 from edgeqtl.models.training import ShapesCollator, image_spec_of, max_objects_at
 
 TRAINABLE_CHOICES = ("projector", "encoder", "vision_tower", "layers", "embed_tokens")
+HEAD = "head."  # label-private: the names of the device's norm and lm_head (the server half's, held here)
 
 
 class ShapesShard:
@@ -81,7 +86,19 @@ class DeviceTrainer:
             p.requires_grad_(False)
         self.names = [n for n, _ in self.client.named_parameters() if n.split(".")[0] in cfg.trainable]
         params = dict(self.client.named_parameters())
+        self.private = cfg.private_labels
+        if self.private:  # the head trains here; the server never sees the labels or the loss
+            srv = model.server
+            self.head = (srv.norm, srv.lm_head)
+            head = {f"{HEAD}norm.{n}": p for n, p in srv.norm.named_parameters()}
+            head.update({f"{HEAD}lm_head.{n}": p for n, p in srv.lm_head.named_parameters()})
+            self.names += list(head)
+            params.update(head)
+        self._named = params
         self.params = [params[n] for n in self.names]
+        # the hidden states' gradient codec rounds stochastically: seeded, and checkpointed, so
+        # that a restarted device sends what it sent before
+        self.rng = np.random.default_rng([cfg.seed, zlib.crc32(device_id.encode())])
         for p in self.params:
             p.requires_grad_(True)
         if not self.params:
@@ -107,12 +124,38 @@ class DeviceTrainer:
         # the server keeps the replies after ckpt_step, for a restart from the checkpoint to replay;
         # a device without checkpoints cannot replay, and says so
         ckpt = self.ckpt_step if self.state_dir is not None else step - 1
-        frame = train_request_frame(wire, batch.labels.numpy(), batch.attention_mask.numpy(), ckpt,
-                                    request_id=new_request_id(), fingerprint=self.fingerprint, step=step,
-                                    device_id=self.device_id)
+        ids = dict(request_id=new_request_id(), fingerprint=self.fingerprint, step=step, device_id=self.device_id)
+        if self.private:  # no answer ids: only where the head needs hidden states back
+            frame = trunk_request_frame(wire, batch.attention_mask.numpy(), output_positions(batch.labels.numpy()),
+                                        ckpt, **ids)
+        else:
+            frame = train_request_frame(wire, batch.labels.numpy(), batch.attention_mask.numpy(), ckpt, **ids)
         return frame, out, batch
 
-    def apply(self, step: int, out, reply: Frame) -> dict:
+    def head_gradient(self, step: int, batch, reply: Frame) -> tuple[Frame, dict]:
+        """Label-private: the trunk's hidden states through the device's head. Leaves the
+        head's gradients in place; returns the HEAD_GRADIENT to send and the metrics."""
+        raise_if_error(reply)
+        if reply.step != step:
+            raise CodedError("protocol", f"expected the TRUNK_HIDDEN of step {step}, got step {reply.step}")
+        labels = batch.labels
+        positions = torch.from_numpy(output_positions(labels.numpy()))
+        targets = torch.roll(labels, -1, dims=1)[positions]
+        hidden = torch.from_numpy(hidden_part_of(reply, FrameKind.TRUNK_HIDDEN, rows=len(targets)))
+        if hidden.shape[1] != self.model.hidden_size:
+            raise CodedError("bad_shape", f"hidden states of width {hidden.shape[1]}, the model's is "
+                                          f"{self.model.hidden_size}")
+        self.opt.zero_grad(set_to_none=True)
+        rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(labels)[positions]
+        res = head_step(*self.head, hidden, targets, rows)
+        g = res.grad.numpy()
+        part = array_part(g.astype(np.float32)) if self.cfg.hidden_codec == "fp32" else \
+            gradient_part(g, self.cfg.hidden_codec, self.rng)
+        frame = tensors_frame(FrameKind.HEAD_GRADIENT, [part, json_part({})], request_id=new_request_id(),
+                              fingerprint=self.fingerprint, step=step, device_id=self.device_id)
+        return frame, {"loss": res.loss, "token_accuracy": res.token_accuracy}
+
+    def apply(self, step: int, out, reply: Frame, zero_grad: bool = True) -> dict:
         raise_if_error(reply)
         if reply.kind != FrameKind.GRADIENT or reply.step != step:
             raise CodedError("protocol", f"expected the GRADIENT of step {step}, got {reply.kind.name} "
@@ -123,24 +166,45 @@ class DeviceTrainer:
             raise CodedError("bad_shape", f"gradient {list(grad.shape)} for values {list(out.values.shape)}")
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step - 1, self.cfg)
-        self.opt.zero_grad(set_to_none=True)
+        if zero_grad:  # label-private: the head's gradients are already in place
+            self.opt.zero_grad(set_to_none=True)
         client_backward(out, grad, self.model.split, self.cfg.commitment)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
         self.step = step
         return info.json()
 
-    def count_bytes(self, request: Frame, reply: Frame) -> None:
+    def train_step(self, step: int, link) -> dict:
+        """One whole step over `link`: one exchange, or two when label-private."""
+        frame, out, batch = self.request(step)
+        if not self.private:
+            reply = link.request(frame)
+            info = self.apply(step, out, reply)
+            self.count_bytes([frame], [reply])
+            return info
+        for _ in range(3):  # a server restarted between the two exchanges asks for the first again
+            hidden = link.request(frame)
+            head, metrics = self.head_gradient(step, batch, hidden)
+            reply = link.request(head)
+            if reply.kind == FrameKind.ERROR and reply.json().get("code") == "resubmit":
+                continue
+            info = self.apply(step, out, reply, zero_grad=False)
+            self.count_bytes([frame, head], [hidden, reply])
+            return {**info, **metrics}
+        raise RemoteError("resubmit", f"step {step}: the server lost the trunk pass three times")
+
+    def count_bytes(self, sent: list[Frame], received: list[Frame]) -> None:
         """Wire bytes of a step both ways, frames whole, and the same frames carrying 16-bit
-        hidden states up and a 16-bit gradient of them down (the unquantized split)."""
-        wire = request.parts()[0]
-        tokens = math.prod(wire.shape[:-1])
-        up, down = len(encode_frame(request)), len(encode_frame(reply))
-        self.bytes_up += up
-        self.bytes_down += down
-        self.fp16_up += up - len(wire.payload) + tokens * self.model.hidden_size * 2
-        grad_payload = len(reply.parts()[0].payload) if reply.kind == FrameKind.GRADIENT else 0
-        self.fp16_down += down - grad_payload + tokens * self.model.hidden_size * 2
+        tensors instead (hidden states and gradients of them: the unquantized split)."""
+        for frames, fp16 in ((sent, "up"), (received, "down")):
+            for f in frames:
+                n = len(encode_frame(f))
+                setattr(self, f"bytes_{fp16}", getattr(self, f"bytes_{fp16}") + n)
+                part = f.parts()[0] if f.kind != FrameKind.ERROR else None
+                if part is not None and len(part.shape) >= 2:  # codes: one hidden state per position; else the tensor itself
+                    elements = math.prod(part.shape[:-1]) * self.model.hidden_size
+                    n += elements * 2 - len(part.payload)
+                setattr(self, f"fp16_{fp16}", getattr(self, f"fp16_{fp16}") + n)
 
     # ---------------------------------------------------------------- fedavg
     def flat_weights(self) -> np.ndarray:
@@ -160,10 +224,9 @@ class DeviceTrainer:
         if self.state_dir is None:
             return
         opt_t, opt_meta = optimizer_tensors(self.opt)
-        params = dict(self.client.named_parameters())
-        tensors = {**{f"client.{n}": params[n] for n in self.names}, **opt_t}
+        tensors = {**{f"client.{n}": self._named[n] for n in self.names}, **opt_t}
         save_state(self.state_dir / device_state_name(self.device_id), tensors,
-                   {"step": self.step, "optimizer": opt_meta, "names": self.names,
+                   {"step": self.step, "optimizer": opt_meta, "names": self.names, "rng": self.rng.bit_generator.state,
                     "bytes": [self.bytes_up, self.bytes_down, self.fp16_up, self.fp16_down]})
         self.ckpt_step = self.step
 
@@ -174,11 +237,12 @@ class DeviceTrainer:
         tensors, meta = loaded
         if meta["names"] != self.names:
             raise CodedError("bad_checkpoint", "the checkpoint trained other parameters; use the same --trainable")
-        params = dict(self.client.named_parameters())
         with torch.no_grad():
             for n in self.names:
-                params[n].copy_(tensors[f"client.{n}"])
+                self._named[n].copy_(tensors[f"client.{n}"])
         load_optimizer(self.opt, tensors, meta["optimizer"])
+        if "rng" in meta:
+            self.rng.bit_generator.state = meta["rng"]
         self.step = self.ckpt_step = meta["step"]
         self.bytes_up, self.bytes_down, self.fp16_up, self.fp16_down = meta["bytes"]
 
@@ -189,10 +253,7 @@ def run_device(trainer: DeviceTrainer, link, on_step=None, fetch_poll_s: float =
     cfg = trainer.cfg
     while trainer.step < cfg.steps:
         step = trainer.step + 1
-        frame, out, _ = trainer.request(step)
-        reply = link.request(frame)
-        info = trainer.apply(step, out, reply)
-        trainer.count_bytes(frame, reply)
+        info = trainer.train_step(step, link)
         if cfg.fedavg_every and step % cfg.fedavg_every == 0:
             _fedavg_round(trainer, link, step // cfg.fedavg_every, fetch_poll_s, fetch_timeout_s)
         if trainer.state_dir is not None and step % cfg.checkpoint_every == 0:
@@ -203,7 +264,8 @@ def run_device(trainer: DeviceTrainer, link, on_step=None, fetch_poll_s: float =
 
 
 def _fedavg_round(trainer: DeviceTrainer, link, round_: int, poll_s: float, timeout_s: float) -> None:
-    """Send this device's trainable weights, then wait for the round's average."""
+    """Wait for the round's average, sending this device's trainable weights when the
+    server asks for them (every device, or the round's sample)."""
     weights = trainer.flat_weights()
 
     def ids():
@@ -211,7 +273,7 @@ def _fedavg_round(trainer: DeviceTrainer, link, round_: int, poll_s: float, time
                     device_id=trainer.device_id)
 
     deadline = time.monotonic() + timeout_s
-    submit = True
+    submit = False
     while True:
         if submit:
             _expect(link.request(tensors_frame(FrameKind.FEDAVG_SUBMIT, [array_part(weights)], **ids())),

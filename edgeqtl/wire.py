@@ -69,6 +69,10 @@ class FrameKind(enum.IntEnum):
     FEDAVG_SUBMIT = 18  # device -> server, TENSORS: the device's trainable weights, flat float32; step = round
     FEDAVG_FETCH = 19  # device -> server, JSON {}: the round's average, or ERROR not_ready; step = round
     FEDAVG_RESULT = 20  # server -> device, TENSORS: the averaged weights, flat float32
+    # label-private (U-shaped) split training: the device keeps the head, the labels and the loss
+    TRUNK_REQUEST = 21  # device -> server, TENSORS: codes, mask, output positions, JSON {ckpt_step}
+    TRUNK_HIDDEN = 22  # server -> device, TENSORS: the trunk's hidden states at the output positions, JSON {}
+    HEAD_GRADIENT = 23  # device -> server, TENSORS: d loss / d those hidden states; the reply is a GRADIENT
 
 
 _ARRAY_CODECS = {np.dtype("float16"): Codec.FLOAT16, np.dtype("float32"): Codec.FLOAT32,
@@ -267,24 +271,88 @@ def parse_train_request(frame: Frame) -> TrainRequest:
         raise ProtocolError(f"TRAIN_REQUEST has 5 parts (codes, attention mask, answer positions, answer ids, "
                             f"JSON), got {len(parts)}")
     codes, mask_part, answer_part, ids_part, info_part = parts
-    for what, p in (("attention mask", mask_part), ("answer positions", answer_part)):
-        if p.codec != Codec.CODES or p.levels != 2 or len(p.shape) != 2:
-            raise ProtocolError(f"TRAIN_REQUEST {what}: a (B, T) 1-bit CODES part")
+    mask = _bit_map(mask_part, "TRAIN_REQUEST", "attention mask")
+    answer = _bit_map(answer_part, "TRAIN_REQUEST", "answer positions").astype(bool)
     if ids_part.codec != Codec.INT32 or len(ids_part.shape) != 1:
         raise ProtocolError("TRAIN_REQUEST answer ids: a 1-d INT32 part")
-    mask, answer, ids = mask_part.array(), answer_part.array().astype(bool), ids_part.array()
+    ids = ids_part.array()
     if answer.shape != mask.shape or tuple(codes.shape[:2]) != mask.shape or len(codes.shape) != 3:
         raise ProtocolError(f"TRAIN_REQUEST shapes do not fit: codes {list(codes.shape)}, mask {list(mask.shape)}, "
                             f"answer positions {list(answer.shape)}")
     if ids.shape[0] != int(answer.sum()) or (ids < 0).any():
         raise ProtocolError(f"TRAIN_REQUEST: {ids.shape[0]} answer ids for {int(answer.sum())} answer positions, "
                             "or a negative id")
-    ckpt = info_part.json().get("ckpt_step", 0)
-    if not isinstance(ckpt, int) or isinstance(ckpt, bool) or ckpt < 0:
-        raise ProtocolError("TRAIN_REQUEST ckpt_step must be a non-negative integer")
+    ckpt = _ckpt_step(info_part, "TRAIN_REQUEST")
     labels = np.full(mask.shape, IGNORE_LABEL, dtype=np.int64)
     labels[answer] = ids
     return TrainRequest(codes, labels, mask.astype(np.int64), ckpt)
+
+
+def _bit_map(p: Part, kind: str, what: str) -> np.ndarray:
+    if p.codec != Codec.CODES or p.levels != 2 or len(p.shape) != 2:
+        raise ProtocolError(f"{kind} {what}: a (B, T) 1-bit CODES part")
+    return p.array()
+
+
+def _ckpt_step(p: Part, kind: str) -> int:
+    ckpt = p.json().get("ckpt_step", 0)
+    if not isinstance(ckpt, int) or isinstance(ckpt, bool) or ckpt < 0:
+        raise ProtocolError(f"{kind} ckpt_step must be a non-negative integer")
+    return ckpt
+
+
+def output_positions(labels: np.ndarray) -> np.ndarray:
+    """(B, T) bool: the positions whose next token is a label, the ones the loss reads
+    logits at (position t predicts token t + 1)."""
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=bool)
+    out[:, :-1] = labels[:, 1:] != IGNORE_LABEL
+    return out
+
+
+@dataclasses.dataclass
+class TrunkRequest:
+    """The body of a TRUNK_REQUEST (label-private training): a TRAIN_REQUEST without the
+    answer ids. The server returns the trunk's hidden states at `positions`."""
+
+    codes: Part
+    attention_mask: np.ndarray  # (B, T) int64
+    positions: np.ndarray  # (B, T) bool: where the device's head computes the loss
+    ckpt_step: int
+
+
+def trunk_request_frame(codes: Part, attention_mask: np.ndarray, positions: np.ndarray, ckpt_step: int,
+                        **fields) -> Frame:
+    parts = [codes, codes_part(np.asarray(attention_mask).astype(np.uint8), 2),
+             codes_part(np.asarray(positions).astype(np.uint8), 2), json_part({"ckpt_step": int(ckpt_step)})]
+    return tensors_frame(FrameKind.TRUNK_REQUEST, parts, **fields)
+
+
+def parse_trunk_request(frame: Frame) -> TrunkRequest:
+    parts = frame.parts()
+    if len(parts) != 4:
+        raise ProtocolError(f"TRUNK_REQUEST has 4 parts (codes, attention mask, output positions, JSON), "
+                            f"got {len(parts)}")
+    codes, mask_part, pos_part, info_part = parts
+    mask = _bit_map(mask_part, "TRUNK_REQUEST", "attention mask")
+    positions = _bit_map(pos_part, "TRUNK_REQUEST", "output positions").astype(bool)
+    if positions.shape != mask.shape or tuple(codes.shape[:2]) != mask.shape or len(codes.shape) != 3:
+        raise ProtocolError(f"TRUNK_REQUEST shapes do not fit: codes {list(codes.shape)}, mask {list(mask.shape)}, "
+                            f"output positions {list(positions.shape)}")
+    if not positions.any():
+        raise ProtocolError("TRUNK_REQUEST: no output position (a batch without an answer token)")
+    return TrunkRequest(codes, mask.astype(np.int64), positions, _ckpt_step(info_part, "TRUNK_REQUEST"))
+
+
+def hidden_part_of(frame: Frame, kind: FrameKind, rows: int | None = None) -> np.ndarray:
+    """The (N, hidden) float32 tensor of a TRUNK_HIDDEN or HEAD_GRADIENT frame (first part)."""
+    if frame.kind != kind:
+        raise ProtocolError(f"expected {kind.name}, got {frame.kind.name}")
+    part = frame.parts()[0]
+    if len(part.shape) != 2 or (rows is not None and part.shape[0] != rows):
+        raise ProtocolError(f"{kind.name}: a (N, hidden) tensor{f' with N = {rows}' if rows is not None else ''}, "
+                            f"got {list(part.shape)}")
+    return np.array(part.array(), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- inference's request (v2)
@@ -607,5 +675,6 @@ def _text(b: memoryview, what: str) -> str:
 __all__ = ["Frame", "FrameKind", "Codec", "Part", "ProtocolError", "encode_frame", "decode_frame", "frame_of",
            "codes_frame", "array_frame", "json_frame", "tensors_frame", "array_part", "codes_part", "gradient_part",
            "json_part", "error_frame", "raise_if_error", "new_request_id", "header_nbytes", "IGNORE_LABEL",
-           "TrainRequest", "train_request_frame", "parse_train_request", "ImageRef", "InferOptions", "image_digest",
+           "TrainRequest", "train_request_frame", "parse_train_request", "TrunkRequest", "trunk_request_frame",
+           "parse_trunk_request", "output_positions", "hidden_part_of", "ImageRef", "InferOptions", "image_digest",
            "infer_request_frame", "parse_infer_request", "InferRequest", "tokens_frame", "frame_version", "VERSION", "VERSIONS"]

@@ -144,8 +144,13 @@ def merge_trained(base_dir: str | Path, server_state: str | Path, device_state: 
                               "--state-dir and --device-id")
     model.server.load_state_dict({k[7:]: v for k, v in server[0].items() if k.startswith("server.")})
     params = dict(model.client.named_parameters())
+    # label-private training: the device trained the head (norm, lm_head), the server did not
+    params.update({f"head.norm.{n}": p for n, p in model.server.norm.named_parameters()})
+    params.update({f"head.lm_head.{n}": p for n, p in model.server.lm_head.named_parameters()})
     with torch.no_grad():
         for name in device[1]["names"]:
             params[name].copy_(device[0][f"client.{name}"])
-    return save_checkpoint(model, out_dir, step=device[1]["step"], extra={"split_training": True},
+    private = any(n.startswith("head.") for n in device[1]["names"])
+    return save_checkpoint(model, out_dir, step=device[1]["step"],
+                           extra={"split_training": True, **({"private_labels": True} if private else {})},
                            prompts=load_prompts(base_dir, model))

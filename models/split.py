@@ -252,6 +252,12 @@ class ServerHalf(nn.Module):
         h = self.decoder_q(values) if self.decoder_q is not None else values
         return self.forward_hidden(h, attention_mask, cache, positions, checkpointing)
 
+    def trunk(self, values, attention_mask) -> torch.Tensor:
+        """The trunk's output hidden states (before the final norm) from the wire values:
+        what label-private training returns, while the device keeps norm and lm_head."""
+        h = self.decoder_q(values) if self.decoder_q is not None else values
+        return run_layers(self._decoder, self.layers, h, attention_mask)
+
     def with_exact_text(self, decoded: torch.Tensor, exact: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
         """The trunk's input under `exact_text`: the decoded codes at the image positions,
         the text's own embeddings elsewhere. Without it, `decoded` everywhere."""

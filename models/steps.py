@@ -5,6 +5,10 @@ drift apart.
 
     server_step      dequantised values, labels, mask -> loss, d loss / d values, metrics
                      (the server half's parameter gradients are left in place)
+    trunk_forward    label-private training, on the server: the trunk's hidden states at
+                     the output positions (the graph kept for the backward)
+    head_step        label-private training, on the device: those hidden states through
+                     its norm and lm_head -> loss, d loss / d hidden states, metrics
     client_backward  that gradient through the straight-through estimator, plus the
                      commitment loss (and any loss the client computes on its own output)
                      -> the client half's parameter gradients
@@ -39,6 +43,15 @@ class SplitTrainConfig:
     trainable: tuple[str, ...] = ("projector", "encoder")
     checkpoint_every: int = 100
     fedavg_every: int = 0  # 0: off
+    # fedavg rounds with K of the N devices (0: all); "random": a seeded choice per round,
+    # "first": the first K to send; a round closes round_deadline_s after it opened with
+    # the weights it has (0: no deadline)
+    devices_per_round: int = 0
+    sampling: str = "random"
+    round_deadline_s: float = 0.0
+    # U-shaped split: the device keeps norm, lm_head, labels and loss (docs/TRAINING.md)
+    private_labels: bool = False
+    hidden_codec: str = "int8"  # the trunk's hidden states going down, and their gradient going up
     seed: int = 0
 
 
@@ -65,6 +78,28 @@ def server_step(server, values: torch.Tensor, labels: torch.Tensor, attention_ma
         per_sample = (per_token.sum(1) / answer.sum(1).clamp(min=1)).tolist()
         correct = ((logits[:, :-1].argmax(-1) == targets) & answer).sum().item()
     return ServerStep(loss.item(), values.grad, per_sample, correct / max(1, int(answer.sum())))
+
+
+def trunk_forward(server, values: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+    """(values as a leaf that takes a gradient, the trunk's hidden states at `positions`,
+    (N, hidden) in row-major order)."""
+    values = values.detach().requires_grad_(True)
+    return values, server.trunk(values, attention_mask)[positions]
+
+
+def head_step(norm, lm_head, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> ServerStep:
+    """The loss on the device: hidden (N, hidden) from the trunk, targets (N,) the next
+    tokens, rows (N,) each one's sample. Leaves the head's gradients in place; `grad` is
+    d loss / d hidden, what goes back up. The same loss as server_step's."""
+    hidden = hidden.detach().requires_grad_(True)
+    logits = lm_head(norm(hidden))
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    loss = per_token.mean()
+    loss.backward()
+    with torch.no_grad():
+        per_sample = [] if rows is None else [per_token[rows == r].mean().item() for r in torch.unique(rows)]
+        correct = (logits.argmax(-1) == targets).sum().item()
+    return ServerStep(loss.item(), hidden.grad, per_sample, correct / max(1, len(targets)))
 
 
 def client_backward(out, grad: torch.Tensor, split, commitment: float, aux=None) -> float:

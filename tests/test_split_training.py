@@ -66,7 +66,7 @@ def test_two_devices_train_in_process_and_loss_falls(model_dir):
             frame, out, _ = d.request(step)
             reply = link.request(frame)
             losses[d.device_id].append(d.apply(step, out, reply)["loss"])
-            d.count_bytes(frame, reply)
+            d.count_bytes([frame], [reply])
     for d in devices:
         first, last = np.mean(losses[d.device_id][:5]), np.mean(losses[d.device_id][-5:])
         assert last < 0.7 * first, (d.device_id, first, last)

@@ -209,10 +209,7 @@ def train_devices(model_dir: Path, cfg, port: int | None, threads: int, batches_
         link = LocalLink(service)
         for step in range(1, cfg.steps + 1):
             for i, d in enumerate(devices):
-                frame, out, _ = d.request(step)
-                reply = link.request(frame)
-                losses[(step, i)] = d.apply(step, out, reply)["loss"]
-                d.count_bytes(frame, reply)
+                losses[(step, i)] = d.train_step(step, link)["loss"]
                 done_at[(step, i)] = time.perf_counter()
     else:
         _train_over_mqtt(service, devices, port, threads, losses, done_at, lockstep)

@@ -92,10 +92,7 @@ def _per_training_step(ctx: BenchContext, model_dir, steps: int) -> list[dict]:
                                 f"bench-wire-{codec}", fingerprint=fp)
         link = LocalLink(service)
         for step in range(1, steps + 1):
-            frame, out, _ = trainer.request(step)
-            reply = link.request(frame)
-            trainer.apply(step, out, reply)
-            trainer.count_bytes(frame, reply)
+            trainer.train_step(step, link)
         rows.append({"gradient_codec": codec, "batch_size": cfg.batch_size, "steps": steps,
                      "levels": model.split.levels if model.split.quantizer == "fsq" else None,
                      "bytes_up": trainer.bytes_up / steps, "bytes_down": trainer.bytes_down / steps,

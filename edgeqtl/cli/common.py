@@ -136,8 +136,22 @@ def split_train_options(fn):
     fn = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                       help="Checkpoints (and the server's write-ahead log): restart with the same directory to "
                            "resume.")(fn)
+    fn = click.option("--private-labels", is_flag=True, default=False,
+                      help="Label-private (U-shaped): the device keeps norm, lm_head, the answers and the loss; the "
+                           "server never receives an answer id (docs/TRAINING.md). Both sides must say it.")(fn)
+    fn = click.option("--hidden-codec", type=click.Choice(["fp16", "int8", "int4"]), default="int8",
+                      show_default=True,
+                      help="With --private-labels: how the trunk's hidden states come down and their gradient goes "
+                           "up.")(fn)
     fn = threads_option(fn)
     return fn
+
+
+def split_train_config(**fields):
+    """models.steps.SplitTrainConfig from the split_train_options' values (and the others given)."""
+    from edgeqtl.models.steps import SplitTrainConfig  # torch: imported when a training command runs
+
+    return SplitTrainConfig(**fields)
 
 
 def describe_split(split) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .common import (UserError, broker_config, broker_options, data_options, default_device_id, device_id_option,
-                     login_id, set_threads, split_train_options, user_errors)
+                     login_id, set_threads, split_train_config, split_train_options,
+                     user_errors)
 
 
 @click.group()
@@ -188,7 +189,7 @@ def run(bundle, broker_url, login, ca_file, cert_file, key_file, jobs, watch, ou
 @user_errors
 def train_device(model_dir, broker_url, login, ca_file, cert_file, key_file, device_id, data_file, image_root,
                  skip_bad, device_index, num_devices, shard, trainable, timeout, steps, batch_size, lr, checkpoint_every,
-                 fedavg_every, state_dir, threads):
+                 fedavg_every, state_dir, private_labels, hidden_codec, threads):
     """Split training, the device's side: its images never leave it; codes go up,
     compressed gradients come back. Needs torch (autograd); inference on the device does not.
 
@@ -209,16 +210,15 @@ def train_device(model_dir, broker_url, login, ca_file, cert_file, key_file, dev
     from edgeqtl.models.jobs import DataOptions, checked
     from edgeqtl.models.load import load_prompts, load_split_model
     from edgeqtl.models.split import fingerprint
-    from edgeqtl.models.steps import SplitTrainConfig
-
     set_threads(threads)
     if not 0 <= device_index < num_devices:
         raise UserError(f"--index must be in [0, {num_devices - 1}]")
     alpha = _dirichlet_alpha(shard)
     model = load_split_model(model_dir)
     dev_id = default_device_id(device_id or login_id(login))
-    tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
-                            fedavg_every=fedavg_every, trainable=tuple(t.strip() for t in trainable.split(",")))
+    tcfg = split_train_config(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                              fedavg_every=fedavg_every, private_labels=private_labels, hidden_codec=hidden_codec,
+                              trainable=tuple(t.strip() for t in trainable.split(",")))
     if data_file is not None:
         prompts = load_prompts(model_dir, model)
         batches = RecordBatches(Collator(prompts, image_spec_of(model)),

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .common import (UserError, broker_config, broker_options, login_id, serve_until_interrupted, set_threads,
-                     sigterm_as_interrupt, split_train_options, threads_option, user_errors)
+                     sigterm_as_interrupt, split_train_config, split_train_options, threads_option,
+                     user_errors)
 
 
 @click.command()
@@ -263,11 +264,18 @@ def serve(server_halves, broker_url, login, ca_file, cert_file, key_file, metric
               help="How many devices train (the federated average waits for all of them).")
 @click.option("--grad-codec", type=click.Choice(["fp16", "int8", "int4"]), default="int8", show_default=True,
               help="How gradients go back (int4: unbiased stochastic rounding).")
+@click.option("--devices-per-round", type=click.IntRange(0), default=0, show_default=True,
+              help="With --fedavg-every: K of the --devices take part in each round (0: all).")
+@click.option("--sampling", type=click.Choice(["random", "first"]), default="random", show_default=True,
+              help="Which K: a seeded random choice per round, or the first K to send their weights.")
+@click.option("--round-deadline", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds after a round opens when it closes with the weights it has; later devices are left "
+                   "out of it (0: wait for all).")
 @split_train_options
 @user_errors
 def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, metrics_port, session_expiry, server_id, group, no_shared,
-                 num_devices,
-                 grad_codec, steps, batch_size, lr, checkpoint_every, fedavg_every, state_dir, threads):
+                 num_devices, grad_codec, devices_per_round, sampling, round_deadline, steps, batch_size, lr,
+                 checkpoint_every, fedavg_every, state_dir, private_labels, hidden_codec, threads):
     """Split training, the server's side: trains the trunk of --model on the codes that
     devices running `edgeqtl device train` send, and sends compressed gradients back.
 
@@ -277,7 +285,6 @@ def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, met
     """
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
-    from edgeqtl.models.steps import SplitTrainConfig
     from edgeqtl.server_agent.training import TrainingService
     from edgeqtl.transport import Responder
 
@@ -286,12 +293,17 @@ def train_server(model_dir, broker_url, login, ca_file, cert_file, key_file, met
     cfg = broker_config(broker_url, ca_file, cert_file, key_file, login)
     cfg = _with_session(cfg, session_expiry, server_id or login_id(login))
     model = load_split_model(model_dir)
-    tcfg = SplitTrainConfig(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
-                            fedavg_every=fedavg_every, grad_codec=grad_codec)
+    if devices_per_round > num_devices:
+        raise UserError(f"--devices-per-round {devices_per_round} is more than the {num_devices} --devices")
+    tcfg = split_train_config(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                              fedavg_every=fedavg_every, grad_codec=grad_codec, devices_per_round=devices_per_round,
+                              sampling=sampling, round_deadline_s=round_deadline, private_labels=private_labels,
+                              hidden_codec=hidden_codec)
     service = TrainingService(model, tcfg, state_dir, num_devices, bytes.fromhex(fingerprint(model))[:16])
     agent = Responder(cfg, service.handle_batch, group=None if no_shared else group,
                       client_id=server_id or login_id(login)).start()
     click.echo(f"training server on {cfg.describe()}: {num_devices} device(s), {grad_codec} gradients, "
+               f"{'label-private, ' if private_labels else ''}"
                f"resuming at {service.server_steps} steps (Ctrl-C to stop)", err=True)
     metrics = _start_metrics(agent, metrics_port, lambda: len(service.ledgers), lambda: service.server_steps)
 
