@@ -152,7 +152,8 @@ def test_device_restarted_from_its_checkpoint_replays_without_double_updates(mod
     assert _applied(server) == {"dev0": (6, 6)}
 
 
-def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, tmp_path):
+@pytest.mark.parametrize("private", [False, True], ids=["standard", "label-private"])
+def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, tmp_path, private):
     """`edgeqtl server --train` is SIGKILLed mid-run and started again on the same state
     directory; two devices train to the end. The server's record of applied steps (from
     its checkpoint plus write-ahead log) shows every step of each device exactly once."""
@@ -161,11 +162,12 @@ def test_server_killed_mid_training_resumes_exactly_once(model_dir, mosquitto, t
 
     from edgeqtl.transport import BrokerConfig, RequestClient
 
-    cfg = dataclasses.replace(CFG, steps=24, checkpoint_every=5)
+    cfg = dataclasses.replace(CFG, steps=24, checkpoint_every=5, private_labels=private)
     state = tmp_path / "server-state"
     cmd = [sys.executable, "-m", "edgeqtl.cli", "server", "train", "--model", str(model_dir), "--broker",
            f"mqtt://127.0.0.1:{mosquitto.port}", "--state-dir", str(state), "--devices", "2", "--steps",
-           str(cfg.steps), "--batch-size", str(cfg.batch_size), "--checkpoint-every", "5", "--threads", "1"]
+           str(cfg.steps), "--batch-size", str(cfg.batch_size), "--checkpoint-every", "5", "--threads", "1",
+           *(["--private-labels"] if private else [])]
 
     def start(log):
         with log.open("w") as err:  # the child keeps its own copy of the descriptor
