@@ -10,6 +10,7 @@
     python benchmarks/private_labels.py                  # both, ~40 min on 2 cores
     python benchmarks/private_labels.py --part 1 --steps 200
     python benchmarks/private_labels.py --part 2 --devices 10 --rounds 10
+    python benchmarks/private_labels.py --part 1 --data D/train.json --eval-data D/heldout.json
 
 Every run starts from the same split model: the tiny preset after a short in-process run
 (benchmarks/split_training.py's start model), same seeds and shards.
@@ -29,8 +30,9 @@ import numpy as np
 from split_training import start_accuracy, start_model  # same folder
 
 
-def _accuracy(service, device, per_family: int) -> float:
-    """The device's client half (and head, label-private) on the service's trunk."""
+def _accuracy(service, device, per_family: int, heldout=None) -> float:
+    """The device's client half (and head, label-private) on the service's trunk, on the
+    shapes world's held-out set or on `heldout` (LLaVA records)."""
     import torch
 
     from edgeqtl import shapes
@@ -43,14 +45,30 @@ def _accuracy(service, device, per_family: int) -> float:
         for k in [k for k in trunk if k.startswith(("norm.", "lm_head."))]:
             del trunk[k]
     model.server.load_state_dict(trunk, strict=not device.private)
+    if heldout is not None:
+        from edgeqtl.models.jobs import eval_records
+
+        prompts, records = heldout
+        return eval_records(model, prompts, records, progress=False).to_dict()["accuracy"]
     collate = ShapesCollator(shapes.build_tokenizer(), model.num_image_tokens, image_spec_of(model))
     with torch.no_grad():
         return evaluate(model, collate, shapes.heldout(per_family)).mean_accuracy
 
 
-def _sides(model_dir: Path, cfg, n: int, alpha: float | None):
+def _records(model_dir: Path, path: Path):
+    """(prompts, checked records) of a LLaVA data file for the start model."""
+    from edgeqtl.models.jobs import DataOptions, checked
+    from edgeqtl.models.load import load_prompts, load_split_model
+
+    model = load_split_model(model_dir)
+    prompts = load_prompts(model_dir, model)
+    return prompts, checked(path, DataOptions(path, None, None, True), model, prompts, lambda *_: None)
+
+
+def _sides(model_dir: Path, cfg, n: int, alpha: float | None, train=None):
     from edgeqtl import shapes
-    from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard
+    from edgeqtl.device_agent.training import DeviceTrainer, RecordBatches, ShapesShard
+    from edgeqtl.models.batches import Collator, image_spec_of
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
     from edgeqtl.server_agent.training import TrainingService
@@ -61,35 +79,52 @@ def _sides(model_dir: Path, cfg, n: int, alpha: float | None):
     devices = []
     for i in range(n):
         m = load_split_model(model_dir)
-        devices.append(DeviceTrainer(m, ShapesShard(m, shapes.build_tokenizer(), cfg, i, n, alpha), cfg, f"dev{i}",
-                                     fingerprint=fp))
+        if train is None:
+            batches = ShapesShard(m, shapes.build_tokenizer(), cfg, i, n, alpha)
+        else:  # the file's records, every device its own share of them
+            prompts, records = train
+            batches = RecordBatches(Collator(prompts, image_spec_of(m)), records[i::n], cfg.batch_size, cfg.seed + i)
+        devices.append(DeviceTrainer(m, batches, cfg, f"dev{i}", fingerprint=fp))
     return service, devices
 
 
 def part1(model_dir: Path, base, args) -> list[dict]:
     from edgeqtl.device_agent.links import LocalLink
+    from edgeqtl.device_agent.training import run_device
 
     plan = [("standard", False, "int8")] + [(f"private-{c}", True, c) for c in args.hidden_codecs.split(",")]
+    train = _records(model_dir, args.data) if args.data else None
+    heldout = _records(model_dir, args.eval_data) if args.eval_data else None
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, private, codec in plan:
-            cfg = dataclasses.replace(base, private_labels=private, hidden_codec=codec, seed=seed)
-            service, devices = _sides(model_dir, cfg, 2, None)
+            cfg = dataclasses.replace(base, private_labels=private, hidden_codec=codec, seed=seed,
+                                      fedavg_every=args.part1_fedavg)
+            service, devices = _sides(model_dir, cfg, args.part1_devices, None, train)
             link = LocalLink(service)
             t0 = time.perf_counter()
-            for step in range(1, cfg.steps + 1):
-                for d in devices:  # taking turns on one trunk, as in benchmarks/split_training.py
-                    d.train_step(step, link)
+            if cfg.fedavg_every:  # the devices in threads: a round waits for all of them
+                threads = [threading.Thread(target=run_device, args=(d, link)) for d in devices]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            else:
+                for step in range(1, cfg.steps + 1):
+                    for d in devices:  # taking turns on one trunk, as in benchmarks/split_training.py
+                        d.train_step(step, link)
             seconds = time.perf_counter() - t0
             n = sum(d.step for d in devices)
-            accs = [_accuracy(service, d, args.per_family) for d in devices]
+            accs = [_accuracy(service, d, args.per_family, heldout) for d in devices]
             rows.append(dict(run=name, seed=seed, accuracy=float(np.mean(accs)), step_s=seconds / n,
                              up=sum(d.bytes_up for d in devices) / n, down=sum(d.bytes_down for d in devices) / n,
                              up16=sum(d.fp16_up for d in devices) / n, down16=sum(d.fp16_down for d in devices) / n))
             print(f"[{name} seed {seed}] held-out {100 * rows[-1]['accuracy']:.2f}%, {1000 * rows[-1]['step_s']:.0f} "
                   f"ms a step, up {rows[-1]['up']:,.0f} B, down {rows[-1]['down']:,.0f} B", flush=True)
-    print(f"\n1. standard against label-private: 2 devices (IID), {base.steps} steps each, batch {base.batch_size}, "
-          f"int8 gradients at the cut; held-out {5 * args.per_family} questions")
+    print(f"\n1. standard against label-private: {args.part1_devices} device(s) (IID), {base.steps} steps each, "
+          f"batch {base.batch_size}, fedavg every {args.part1_fedavg or '-'} steps, "
+          f"int8 gradients at the cut; " + (f"data {args.data}, held-out {args.eval_data}" if args.data else
+                                              f"shapes, held-out {5 * args.per_family} questions"))
     print(f"{'run':<16}{'held-out':>9}{'vs std':>8}{'ms/step':>9}{'x std':>7}{'up B/step':>11}{'down B/step':>13}"
           f"{'both vs 16-bit':>16}")
     std = [r for r in rows if r["run"] == "standard"]
@@ -154,6 +189,12 @@ def main(argv=None) -> int:
     ap.add_argument("--round-steps", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--per-family", type=int, default=100)
+    ap.add_argument("--part1-devices", type=int, default=2, help="part 1: devices on the trunk")
+    ap.add_argument("--part1-fedavg", type=int, default=0,
+                    help="part 1: average the devices' trainable weights (label-private: with their heads) every R "
+                         "steps")
+    ap.add_argument("--data", type=Path, default=None, help="part 1: LLaVA training records instead of the shards")
+    ap.add_argument("--eval-data", type=Path, default=None, help="part 1: LLaVA held-out records (with --data)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 

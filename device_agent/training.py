@@ -12,6 +12,7 @@ The server side and the exactly-once rules are in server_agent/training.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import zlib
@@ -114,7 +115,8 @@ class DeviceTrainer:
             self._restore()
 
     def request(self, step: int) -> tuple[Frame, object, object]:
-        """The TRAIN_REQUEST of `step` (1-based), with what the update needs."""
+        """The TRAIN_REQUEST (label-private: TRUNK_REQUEST) of `step` (1-based), with what
+        the update needs."""
         batch = self.batches(step - 1)
         out = self.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
         if self.model.split.quantizer == "fsq":
@@ -187,6 +189,7 @@ class DeviceTrainer:
             head, metrics = self.head_gradient(step, batch, hidden)
             reply = link.request(head)
             if reply.kind == FrameKind.ERROR and reply.json().get("code") == "resubmit":
+                frame = dataclasses.replace(frame, request_id=new_request_id())  # a new request, not a retry
                 continue
             info = self.apply(step, out, reply, zero_grad=False)
             self.count_bytes([frame, head], [hidden, reply])
