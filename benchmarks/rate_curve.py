@@ -138,12 +138,14 @@ def print_table(results: dict) -> None:
           f"{'wire':>7}{'wire/hidden':>12}{'B/question':>11}{'saved':>7}")
     for name, r in results.items():
         delta = f"{100 * (r['accuracy'] - base):+10.2f}" if base is not None else f"{'-':>10}"
-        saved = 1 - r["wire_bytes_per_sample"] / r["fp16_bytes_per_sample"]
         c = r.get("calibration")
         bits = (f"{c['entropy_bits']:>9.3f}{c['rans_payload_bits']:>7.3f}{c['packed_bits']:>8.3f}{c['wire_bits']:>7.3f}"
                 f"{c['wire_bits'] * r['code_dim'] / r['hidden']:>12.3f}") if c else f"{'16 bits a hidden element':>43}"
-        print(f"{name:<12}{r['levels'] or '-':>3}{100 * r['accuracy']:>9.2f}%{delta}{bits}"
-              f"{r['wire_bytes_per_sample']:>11.0f}{100 * saved:>6.1f}%")
+        if "wire_bytes_per_sample" in r:  # the built-in world's eval counts them; a data file's does not
+            sent = f"{r['wire_bytes_per_sample']:>11.0f}{100 * (1 - r['wire_bytes_per_sample'] / r['fp16_bytes_per_sample']):>6.1f}%"
+        else:
+            sent = f"{'-':>11}{'-':>7}"
+        print(f"{name:<12}{r['levels'] or '-':>3}{100 * r['accuracy']:>9.2f}%{delta}{bits}{sent}")
     print("bits are per code element at the image positions (entropy; rANS payload; packed frames and "
           "rANS-or-packed frames per question with 75-B headers); wire/hidden is per element of the hidden "
           "state the codes stand for; B/question is eval's packed uplink with prompt ids, against 16-bit")
