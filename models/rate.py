@@ -197,3 +197,86 @@ def plot(cal: Calibration, path) -> None:
     ax.set_title(f"rate and distortion per level count ({cal.samples} samples)")
     save_figure(fig, path)
 
+
+
+# --------------------------------------------------------------------------- bytes per question against K
+
+TOKEN_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+# Besides the payload a device's frame carries its ids and its device id (8 characters
+# here; MQTT 5 carries the reply topic as a property, outside the frame).
+FRAME_FIELDS = dict(request_id=bytes(16), fingerprint=bytes(16), device_id="device-0")
+
+
+@dataclasses.dataclass
+class TokenBytesRow:
+    reducer: str  # "none": every image token
+    tokens: int  # image tokens kept per image (K)
+    positions: float  # code positions per question, mean
+    packed: float  # bytes of one question's INFER_REQUEST, log2(L)-bit packing, headers included
+    rans: float  # the same, entropy-coded where that is smaller (as the device sends)
+    fp16: float  # the same prompt as 16-bit hidden states with every image token, one frame
+    note: str = ""  # why a row has no figures (a reducer that cannot keep this K)
+
+
+def fit_image_entropy(model, samples, prompts, image, batch_size: int, prompt_ids: bool):
+    """The entropy model export fits: on every image token (the reducer off), so that one
+    server half serves every K; with prompt ids, on the image positions alone."""
+    from edgeqtl.export.calibration import fit_entropy_model
+
+    from .reduce import all_image_tokens
+
+    with all_image_tokens(model, prompts) as every:
+        return fit_entropy_model(model, samples, every, image, batch_size, image_only=prompt_ids)
+
+
+@torch.inference_mode()
+def question_bytes(model, samples, prompts, image, prompt_ids: bool, entropy) -> TokenBytesRow:
+    """Mean size of one question's INFER_REQUEST, built and encoded by edgeqtl.wire as the
+    device builds it, over `samples` (one frame each, no image sent by reference)."""
+    from edgeqtl import wire
+    from edgeqtl.export.calibration import batches, client_codes
+
+    levels, every = model.split.levels, model.family.num_image_tokens(model.hf.config)
+    packed, rans, fp16, positions = [], [], [], []
+    for inputs in batches(samples, prompts, image, 1):
+        codes, ids = client_codes(model, inputs), inputs.input_ids[0]
+        if prompt_ids:
+            codes = codes[:, ids == prompts.image_token_id]
+        codes = np.ascontiguousarray(codes)
+        for out, ent in ((packed, None), (rans, entropy)):
+            frame = wire.infer_request_frame(wire.codes_part(codes, levels, ent), wire.InferOptions(),
+                                             ids if prompt_ids else None, **FRAME_FIELDS)
+            out.append(len(wire.encode_frame(frame)))
+        hidden = np.zeros((1, len(ids) - model.num_image_tokens + every, model.hidden_size), np.float16)
+        fp16.append(len(wire.encode_frame(wire.array_frame(wire.FrameKind.INFER_REQUEST, hidden, **FRAME_FIELDS))))
+        positions.append(codes.shape[1])
+    spec = model.image_reduction
+    return TokenBytesRow(spec.reducer if spec else "none", model.num_image_tokens, float(np.mean(positions)),
+                         float(np.mean(packed)), float(np.mean(rans)), float(np.mean(fp16)))
+
+
+def bytes_against_tokens(model, fit, held, prompts, image, prompt_ids: bool, reducer: str = "divprune",
+                         fractions=TOKEN_FRACTIONS, batch_size: int = 16) -> list[TokenBytesRow]:
+    """Bytes per question for K = each fraction of the image's tokens (`reducer` choosing,
+    the trained quantizer unchanged): the entropy model is fitted once on `fit`, the
+    frames measured on `held`."""
+    from .families.base import UnsupportedModelError
+    from .reduce import ImageReduction, reduction_set
+
+    if model.split.quantizer != "fsq":
+        raise ValueError("bytes against K measure codes; this model has no quantizer (a 16-bit split)")
+    entropy = fit_image_entropy(model, fit, prompts, image, batch_size, prompt_ids)
+    every = model.family.num_image_tokens(model.hf.config) - model.family.trailing_tokens
+    rows, seen = [], set()
+    for frac in fractions:
+        k = min(every, max(1, round(frac * every)))
+        if k in seen:  # a few image tokens: several fractions round to one K
+            continue
+        seen.add(k)
+        try:
+            spec = None if k >= every else ImageReduction(reducer, k)
+            with reduction_set(model, prompts, spec) as reduced:
+                rows.append(question_bytes(model, held, reduced, image, prompt_ids, entropy))
+        except UnsupportedModelError as e:
+            rows.append(TokenBytesRow(reducer, k, 0, 0, 0, 0, note=str(e).split(";")[0]))
+    return rows

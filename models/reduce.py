@@ -85,21 +85,27 @@ def reduce_image_tokens(model, tokens, reducer: str | None) -> None:
 
 
 @contextlib.contextmanager
+def reduction_set(model, prompts, spec: "ImageReduction | None"):
+    """The model keeping K of each image's tokens as `spec` says (None: all of them), and a
+    prompt encoder with that many image tokens, for a while; then as they were."""
+    before = model.image_reduction
+    if spec == before:
+        yield prompts
+        return
+    changed = copy.copy(prompts)
+    model.set_image_reduction(spec)
+    changed.image_token_count = model.num_image_tokens
+    try:
+        yield changed
+    finally:
+        model.set_image_reduction(before)
+
+
 def all_image_tokens(model, prompts):
     """The model and a prompt encoder without the token reducer, for a while: export fits
     the entropy model on every image token, so that bundles of one model with different K
     share it (and the server half that holds it serves them all)."""
-    spec = model.image_reduction
-    if spec is None:
-        yield prompts
-        return
-    full = copy.copy(prompts)
-    model.set_image_reduction(None)
-    full.image_token_count = model.num_image_tokens
-    try:
-        yield full
-    finally:
-        model.set_image_reduction(spec)
+    return reduction_set(model, prompts, None)
 
 
 class TokenReducer(nn.Module):

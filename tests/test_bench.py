@@ -98,6 +98,11 @@ def test_wire_suite_quick(bench_quick):
     for r in q.values():  # TCP carries the frames plus MQTT's own bytes
         assert r["tcp_bytes_up"] > r["bytes_up"] and r["tcp_bytes_down"] > 0
         assert math.isclose(r["bits_per_element"], 8 * r["bytes_up"] / (r["positions"] * r["hidden_size"]))
+    k = section.figures["against_image_tokens"]
+    assert [r["tokens"] for r in k] == [4, 2, 1] and "against K" in section.markdown
+    assert all(a["packed"] > b["packed"] and a["rans"] > b["rans"] for a, b in zip(k, k[1:]))
+    # K = all, built in process, is the frame the device sent less the image digest it adds (JSON, under 150 B)
+    assert 0 <= q["packed"]["bytes_up"] - k[0]["packed"] < 150, (q["packed"]["bytes_up"], k[0]["packed"])
     t = {r["gradient_codec"]: r for r in section.figures["per_training_step"]}
     assert t["int4"]["bytes_down"] < t["int8"]["bytes_down"] < t["fp16"]["bytes_down"]
     assert t["int8"]["bytes_up"] == t["fp16"]["bytes_up"]  # the codes go up the same way

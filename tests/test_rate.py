@@ -117,3 +117,18 @@ def test_training_with_a_rate_weight_lowers_the_rate():
     heavy = rate_history(2.0)
     assert len(heavy) == 30
     assert np.mean(heavy[-5:]) < np.mean(heavy[:5]) - 0.1  # the term pulls the codes' entropy down
+
+
+def test_calibrate_reports_bytes_per_question_against_k(tiny_model, tmp_path):
+    cal, output = _calibrate(tiny_model, tmp_path / "a", "--token-fractions", "1,0.5,0.25,0.125", samples=16)
+    rows = cal["bytes_against_tokens"]
+    assert [r["tokens"] for r in rows] == [4, 2, 1]  # the tiny preset's 4 image tokens; 0.125 rounds to 1 again
+    assert [r["positions"] for r in rows] == [4, 2, 1] and "bytes per question against K" in output
+    for a, b in zip(rows, rows[1:]):
+        # one image token fewer: its 128 codes at 2 bits (32 B) and its prompt id (4 B) leave the frame
+        assert a["packed"] - b["packed"] == pytest.approx((a["tokens"] - b["tokens"]) * (128 * 2 // 8 + 4))
+        assert a["fp16"] == b["fp16"]  # the 16-bit reference keeps every image token
+    assert all(r["rans"] <= r["packed"] for r in rows)
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_model), "--token-fractions", "2", "--out",
+                                  str(tmp_path / "b")])
+    assert r.exit_code != 0 and "--token-fractions must lie in (0, 1]" in r.output

@@ -102,6 +102,27 @@ def _per_training_step(ctx: BenchContext, model_dir, steps: int) -> list[dict]:
     return rows
 
 
+def _against_tokens(model_dir, qs) -> list[dict]:
+    """Bytes per question for K = 1, 1/2, ... 1/16 of the image tokens (divprune choosing,
+    the trained quantizer), built as the device builds them: models.rate.bytes_against_tokens.
+    The first half of the questions fits the entropy model, the second is measured."""
+    import dataclasses
+
+    from edgeqtl.export.calibration import Sample
+    from edgeqtl.models.batches import image_spec_of
+    from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.models.rate import bytes_against_tokens
+
+    model = load_split_model(model_dir).eval()
+    if model.split.quantizer != "fsq":
+        return []
+    samples = [Sample(q.image, q.question, q.answer) for q in qs]
+    half = len(samples) // 2
+    rows = bytes_against_tokens(model, samples[:half], samples[half:], load_prompts(model_dir, model),
+                                image_spec_of(model), prompt_ids=model.split.cut == 0)
+    return [dataclasses.asdict(r) for r in rows if not r.note]
+
+
 def run(ctx: BenchContext) -> Section:
     n = 14 if ctx.quick else 140
     model_dir = fixtures.the_model(ctx, 4)
@@ -114,6 +135,7 @@ def run(ctx: BenchContext) -> Section:
         q_rows += _per_question(ctx, fixtures.bundle_of(ctx, fixtures.trained_model(ctx, None), prompt_ids=False), n)
     for r in q_rows:  # bits per element: whole frames over positions x hidden size
         r["bits_per_element"] = 8 * r["bytes_up"] / (r["positions"] * r["hidden_size"])
+    k_rows = _against_tokens(model_dir, fixtures.questions(ctx, n))
     t_rows = _per_training_step(ctx, model_dir, 3 if ctx.quick else 20)
 
     fig, ax = new_figure()
@@ -135,6 +157,10 @@ def run(ctx: BenchContext) -> Section:
         ["gradient codec", "batch", "bytes up", "bytes down", "16-bit up", "16-bit down", "saved (both ways)"],
         [[r["gradient_codec"], r["batch_size"], r["bytes_up"], r["bytes_down"], r["bytes_up_16bit"],
           r["bytes_down_16bit"], f"{100 * r['saved_vs_16bit']:.1f}%"] for r in t_rows])
+    k_table = markdown_table(["image tokens K", "code positions", "bytes up, packed", "bytes up, entropy-coded",
+                              "16-bit, every image token", "saved"],
+                             [[r["tokens"], r["positions"], r["packed"], r["rans"], r["fp16"],
+                               f"{100 * (1 - r['rans'] / r['fp16']):.2f}%"] for r in k_rows])
     markdown = (f"Per question ({n} held-out questions, means; `{model_dir}`):\n\n{q_table}\n\n"
                 f"![bytes per question]({plot.name})\n\n"
                 "\"Same as 16-bit\" is the same frames carrying 16-bit hidden states (headers included); bits per "
@@ -144,6 +170,8 @@ def run(ctx: BenchContext) -> Section:
                 "is 12.5% of the 16-bit payload, so with headers those frames save slightly less than 87.5%; at cut 0 "
                 "the default sends the prompt's text as token ids (4 bytes each) and only the image positions as "
                 "codes, which passes it, and entropy coding can pass it when the codes are skewed.\n\n"
+                f"Bytes per question against K, the image tokens kept (divprune, the trained quantizer unchanged; "
+                f"frames built and encoded as the device does, in one process):\n\n{k_table}\n\n"
                 f"Per split-training step (in one process, real frames, {t_rows[0]['steps']} steps):\n\n{t_table}\n")
     headline = [(f"uplink per question, {r['frames']}, cut {r['cut']}",
                  f"{r['bytes_up']:,.0f} B ({100 * r['saved_vs_16bit']:.1f}% below 16-bit)") for r in q_rows
@@ -151,4 +179,5 @@ def run(ctx: BenchContext) -> Section:
     headline += [(f"per training step, {r['gradient_codec']} gradients",
                   f"{r['bytes_up'] + r['bytes_down']:,.0f} B both ways ({100 * r['saved_vs_16bit']:.1f}% below 16-bit)")
                  for r in t_rows]
-    return Section("wire", TITLE, markdown, {"per_question": q_rows, "per_training_step": t_rows}, [plot], headline)
+    return Section("wire", TITLE, markdown, {"per_question": q_rows, "against_image_tokens": k_rows,
+                                                      "per_training_step": t_rows}, [plot], headline)

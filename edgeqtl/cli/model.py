@@ -2,6 +2,7 @@
 imported inside each command)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -344,13 +345,18 @@ def convert(model_dir, out):
 @click.option("--prompt-ids/--prompt-codes", "prompt_ids", default=None,
               help="At cut 0 (the default there) only the image positions go up as codes, and only they are "
                    "measured.")
+@click.option("--token-fractions", default="1,0.5,0.25,0.125,0.0625", show_default=True,
+              help="Bytes per question against K: these fractions of each image's tokens, at the trained levels "
+                   "(empty: skip).")
+@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default="divprune",
+              show_default=True, help="How K of the image's tokens are chosen for that table.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for calibration.json and calibration.png.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
 @user_errors
 def calibrate(model_dir, data, samples, target_bits, target_distortion, level_range, clip_sigmas, prompt_ids,
-              batch_size, out, threads):
+              token_fractions, reducer, batch_size, out, threads):
     """Choose the number of quantizer levels from measured rate and distortion: for each
     L, the distortion after the quantizer, the codes' entropy, the bytes the rANS coder
     really sends (headers included) and the Gaussian bound; a recommendation for a
@@ -366,7 +372,7 @@ def calibrate(model_dir, data, samples, target_bits, target_distortion, level_ra
     from edgeqtl.export.calibration import user_samples, world_samples
     from edgeqtl.models.batches import image_spec_of
     from edgeqtl.models.load import load_prompts, load_split_model, world_of
-    from edgeqtl.models.rate import calibrate as run, plot
+    from edgeqtl.models.rate import bytes_against_tokens, calibrate as run, plot
 
     if target_bits is not None and target_distortion is not None:
         raise UserError("give --target-bits or --target-distortion, not both")
@@ -390,9 +396,19 @@ def calibrate(model_dir, data, samples, target_bits, target_distortion, level_ra
     bar = tqdm(total=len(picked), desc="client half", dynamic_ncols=True)
     cal = run(model, picked, prompts, image_spec_of(model), batch_size, prompt_ids, range(lo, hi + 1), clip_sigmas,
               target_bits, target_distortion, bar.update)
+    try:
+        fractions = [float(f) for f in token_fractions.split(",") if f.strip()]
+    except ValueError:
+        raise UserError(f"--token-fractions takes fractions such as 1,0.5,0.125; got {token_fractions!r}") from None
+    if any(not 0 < f <= 1 for f in fractions):
+        raise UserError(f"--token-fractions must lie in (0, 1]; got {token_fractions!r}")
+    half = len(picked) // 2
+    per_k = bytes_against_tokens(model, picked[:half], picked[half:], prompts, image_spec_of(model), prompt_ids,
+                                 reducer, fractions, batch_size) if fractions else []
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2))
+    (out / "calibration.json").write_text(json.dumps(
+        {**cal.to_dict(), "bytes_against_tokens": [dataclasses.asdict(r) for r in per_k]}, indent=2))
     plot(cal, out / "calibration.png")
     click.echo(f"{cal.samples} samples, {cal.elements:,} code elements ({cal.code_dim} per position)"
                f"{'; image positions only (prompt ids)' if prompt_ids else ''}; the model was trained at "
@@ -407,4 +423,15 @@ def calibrate(model_dir, data, samples, target_bits, target_distortion, level_ra
     click.echo("bits per element: entropy, empirical; model, under the fitted entropy model; rANS, the coder's "
                "payload; wire, frames per question with headers (packing where smaller). rel MSE: of the "
                "standardised signal, after the best gain per dimension")
+    if per_k:
+        click.echo(f"\nbytes per question against K (image tokens kept, --reducer {reducer}), at the trained "
+                   f"{model.split.levels} levels, headers included; 16-bit: the same prompts' hidden states with every "
+                   "image token")
+        click.echo(f"{'K':>5} {'positions':>9} {'packed B':>9} {'rANS B':>9} {'16-bit B':>10} {'vs 16-bit':>9}")
+        for r in per_k:
+            if r.note:
+                click.echo(f"{r.tokens:>5}  {r.note}")
+                continue
+            click.echo(f"{r.tokens:>5} {r.positions:>9.1f} {r.packed:>9,.0f} {r.rans:>9,.0f} {r.fp16:>10,.0f} "
+                       f"{100 * (1 - r.rans / r.fp16):>8.2f}%")
     click.echo(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
