@@ -15,7 +15,9 @@ Steps:
      --new-tokens tokens (the end ids replaced by one no model makes). Bytes up are the
      frames sent, headers included, entropy-coded (the bundle's default) and plainly
      packed, against the same prompt as 16-bit hidden states with every image token;
-     device time is the prefill graph's run on the preprocessed image; the first token
+     device time is the prefill graph's run on the preprocessed image; then, in a fresh
+     process as the device agent runs, one question's frame built end to end (median) and
+     that process's peak RSS (fp32 graph, 1 thread); the first token
      is timed from the question on (at cut 0 without streaming: the whole answer).
 
 Random weights measure cost (bytes, time), never accuracy: what each reducer keeps of a
@@ -42,6 +44,31 @@ def sh(cmd: list[str], log: Path) -> float:
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
             raise SystemExit(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-2000:]}")
     return time.perf_counter() - t0
+
+
+DEVICE = r"""
+import json, statistics, sys, time
+from edgeqtl import shapes
+from edgeqtl.device_agent.client import DeviceClient
+from edgeqtl.memory import peak_rss_mb
+c = DeviceClient(sys.argv[1], variant="fp32", threads=1)
+s = shapes.heldout(1)[0]
+c.request_frame(s.image, s.question)  # warm-up
+times = []
+for _ in range(int(sys.argv[2])):
+    t0 = time.perf_counter()
+    c.request_frame(s.image, s.question)  # the whole device path: preprocess, prefill graph, codes, frame
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"device_question_s": statistics.median(times), "device_peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def device_process(bundle: Path, repeats: int) -> dict:
+    """The device's side alone, in a fresh process (as the device agent runs): one
+    question's request frame built end to end, its median time and the process's peak RSS."""
+    out = subprocess.run([sys.executable, "-c", DEVICE, str(bundle), str(repeats)], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(bundle: Path, new_tokens: int, repeats: int) -> dict:
@@ -75,7 +102,8 @@ def measure(bundle: Path, new_tokens: int, repeats: int) -> dict:
             answers = [client.ask(t, image, QUESTIONS[i % len(QUESTIONS)], timeout=600) for i in range(repeats)]
             packed = DeviceClient(bundle, reuse_images=False, entropy=False).ask(t, image, QUESTIONS[0], timeout=600)
     m = client.manifest
-    return {"bundle": bundle.name, "image_tokens": m.text.image_token_count,
+    del client, engine
+    return {**device_process(bundle, repeats), "bundle": bundle.name, "image_tokens": m.text.image_token_count,
             "reducer": (m.image_reduction or {}).get("reducer", "none"),
             "bytes_up": int(np.median([a.bytes_up for a in answers])), "bytes_up_packed": packed.bytes_up,
             "bytes_up_fp16": answers[0].bytes_up_fp16,
@@ -120,14 +148,16 @@ def main() -> None:
     base = rows[0]
     print(f"\n{ckpt.name}, cut {args.cut}, 2 bits, answers of {base['tokens']} tokens, median of {args.repeats}")
     print(f"16-bit hidden states of the whole prompt with every image token: {base['bytes_up_fp16']:,} B")
-    print("| reducer | image tokens | bytes up, packed | bytes up, entropy-coded | device prefill | first token |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| reducer | image tokens | bytes up, packed | bytes up, entropy-coded | device prefill | device question, "
+          "own process | device peak RSS | first token |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     fp16 = base["bytes_up_fp16"]
     for r in rows:
         print(f"| {r['reducer']} | {r['image_tokens']} | {r['bytes_up_packed']:,} B "
               f"({100 * (1 - r['bytes_up_packed'] / fp16):.2f}% less than 16-bit) | {r['bytes_up']:,} B "
               f"({100 * (1 - r['bytes_up'] / fp16):.2f}% less) | {r['device_s']:.2f} s "
-              f"({base['device_s'] / r['device_s']:.2f}x) | {r['first_token_s']:.2f} s "
+              f"({base['device_s'] / r['device_s']:.2f}x) | {r['device_question_s']:.2f} s | "
+              f"{r['device_peak_rss_mb']:,.0f} MB | {r['first_token_s']:.2f} s "
               f"({base['first_token_s'] / r['first_token_s']:.2f}x) |")
 
 

@@ -28,6 +28,7 @@ Every run uses the same held-out questions, so differences between rows are pair
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -82,6 +83,48 @@ def accuracy(model, prompts, world, per_family: int) -> dict:
     report = eval_world(model, prompts, per_family, world)
     return {"accuracy": round(100 * report.mean_accuracy, 2),
             "per_family": {f: round(100 * a, 2) for f, a in report.accuracy.items()}, "questions": report.n}
+
+
+@contextlib.contextmanager
+def original_positions(model):
+    """A diagnostic, not the wire's convention: the kept image tokens take the positions
+    they had among all N (and the text after them keeps its own), instead of consecutive
+    ones. Only for reducers that keep tokens (divprune, random), one forward per answer."""
+    from edgeqtl.models import split as split_module
+    from edgeqtl.models.reduce import divprune
+
+    reducer, client = model.client.reducer, model.client
+    n_full, k = reducer.full, reducer.k
+    state, plain_positions, plain_hidden, plain_reduce = {}, split_module.position_ids_from_mask, client.hidden, \
+        reducer.forward
+
+    def hidden(input_ids, *a, **kw):
+        state["ids"] = input_ids
+        return plain_hidden(input_ids, *a, **kw)
+
+    def reduce(feats, attention=None):
+        keep = divprune(feats, k) if reducer.spec.reducer == "divprune" else reducer.keep.expand(feats.shape[0], -1)
+        state["keep"] = keep
+        return plain_reduce(feats, attention)
+
+    def positions(mask, q_len):
+        pos = plain_positions(mask, q_len)
+        ids = state.get("ids")
+        if ids is None or ids.shape[1] != q_len:
+            return pos
+        out = pos.clone()
+        for b, row in enumerate(ids == client.image_token_id):
+            at = row.nonzero().flatten()
+            out[b, at] = pos[b, at[0]] + state["keep"][b]
+            out[b, at[-1] + 1:] += n_full - k
+        return out
+
+    client.hidden, reducer.forward, split_module.position_ids_from_mask = hidden, reduce, positions
+    try:
+        yield
+    finally:
+        del client.hidden, reducer.forward
+        split_module.position_ids_from_mask = plain_positions
 
 
 def adapt_quantizer(model, prompts, world, steps: int, lr: float, batch_size: int, seed: int) -> float:
@@ -164,6 +207,9 @@ def main() -> None:
                     help="First train the tiny preset with this patch size (16: 16 image tokens) into --model, "
                          "unless it is there.")
     ap.add_argument("--train-steps", type=int, default=2000)
+    ap.add_argument("--original-positions", action="store_true",
+                    help="Also evaluate divprune and random with the kept tokens at their original positions (a "
+                         "diagnostic of the position convention; the wire keeps consecutive positions).")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,6 +247,10 @@ def main() -> None:
                    **accuracy(model, prompts, world, args.per_family),
                    "bytes": frame_bytes(model, prompts, world, args.byte_questions, entropy)}
             emit(row)
+            if args.original_positions and reducer in ("divprune", "random"):
+                with original_positions(model):
+                    emit({"reducer": reducer, "tokens": k, "fraction": frac, "stage": "training-free, original positions",
+                          **accuracy(model, prompts, world, args.per_family), "bytes": row["bytes"]})
             if args.adapt_steps:
                 seconds = adapt_quantizer(model, prompts, world, args.adapt_steps, args.adapt_lr, args.batch_size,
                                           seed=11)
