@@ -28,7 +28,6 @@ Every run uses the same held-out questions, so differences between rows are pair
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import time
@@ -66,12 +65,12 @@ def load(model_dir: Path):
     return model, load_prompts(model_dir, model), world_of(model_dir)
 
 
-def with_tokens(model, prompts, reducer: str | None, k: int | None):
+def with_tokens(model, prompts, reducer: str | None, k: int | None, positions: str = "original"):
     """The model (a copy) keeping K of each image's tokens, and its prompt encoder."""
     from edgeqtl.models.reduce import ImageReduction
 
     model = copy.deepcopy(model)
-    model.set_image_reduction(ImageReduction(reducer, k) if reducer else None)
+    model.set_image_reduction(ImageReduction(reducer, k, positions=positions) if reducer else None)
     prompts = copy.copy(prompts)
     prompts.image_token_count = model.num_image_tokens
     return model, prompts
@@ -83,48 +82,6 @@ def accuracy(model, prompts, world, per_family: int) -> dict:
     report = eval_world(model, prompts, per_family, world)
     return {"accuracy": round(100 * report.mean_accuracy, 2),
             "per_family": {f: round(100 * a, 2) for f, a in report.accuracy.items()}, "questions": report.n}
-
-
-@contextlib.contextmanager
-def original_positions(model):
-    """A diagnostic, not the wire's convention: the kept image tokens take the positions
-    they had among all N (and the text after them keeps its own), instead of consecutive
-    ones. Only for reducers that keep tokens (divprune, random), one forward per answer."""
-    from edgeqtl.models import split as split_module
-    from edgeqtl.models.reduce import divprune
-
-    reducer, client = model.client.reducer, model.client
-    n_full, k = reducer.full, reducer.k
-    state, plain_positions, plain_hidden, plain_reduce = {}, split_module.position_ids_from_mask, client.hidden, \
-        reducer.forward
-
-    def hidden(input_ids, *a, **kw):
-        state["ids"] = input_ids
-        return plain_hidden(input_ids, *a, **kw)
-
-    def reduce(feats, attention=None):
-        keep = divprune(feats, k) if reducer.spec.reducer == "divprune" else reducer.keep.expand(feats.shape[0], -1)
-        state["keep"] = keep
-        return plain_reduce(feats, attention)
-
-    def positions(mask, q_len):
-        pos = plain_positions(mask, q_len)
-        ids = state.get("ids")
-        if ids is None or ids.shape[1] != q_len:
-            return pos
-        out = pos.clone()
-        for b, row in enumerate(ids == client.image_token_id):
-            at = row.nonzero().flatten()
-            out[b, at] = pos[b, at[0]] + state["keep"][b]
-            out[b, at[-1] + 1:] += n_full - k
-        return out
-
-    client.hidden, reducer.forward, split_module.position_ids_from_mask = hidden, reduce, positions
-    try:
-        yield
-    finally:
-        del client.hidden, reducer.forward
-        split_module.position_ids_from_mask = plain_positions
 
 
 def adapt_quantizer(model, prompts, world, steps: int, lr: float, batch_size: int, seed: int) -> float:
@@ -207,9 +164,9 @@ def main() -> None:
                     help="First train the tiny preset with this patch size (16: 16 image tokens) into --model, "
                          "unless it is there.")
     ap.add_argument("--train-steps", type=int, default=2000)
-    ap.add_argument("--original-positions", action="store_true",
-                    help="Also evaluate divprune and random with the kept tokens at their original positions (a "
-                         "diagnostic of the position convention; the wire keeps consecutive positions).")
+    ap.add_argument("--consecutive-positions", action="store_true",
+                    help="Also evaluate each reducer training-free with the kept tokens at consecutive positions "
+                         "(the other convention, models/reduce.py; bundles from before the field use it).")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,10 +204,11 @@ def main() -> None:
                    **accuracy(model, prompts, world, args.per_family),
                    "bytes": frame_bytes(model, prompts, world, args.byte_questions, entropy)}
             emit(row)
-            if args.original_positions and reducer in ("divprune", "random"):
-                with original_positions(model):
-                    emit({"reducer": reducer, "tokens": k, "fraction": frac, "stage": "training-free, original positions",
-                          **accuracy(model, prompts, world, args.per_family), "bytes": row["bytes"]})
+            if args.consecutive_positions:
+                plain, plain_prompts = with_tokens(base_model, base_prompts, reducer, k, "consecutive")
+                emit({"reducer": reducer, "tokens": k, "fraction": frac, "stage": "training-free, consecutive",
+                      **accuracy(plain, plain_prompts, world, args.per_family),
+                      "bytes": frame_bytes(plain, plain_prompts, world, args.byte_questions, entropy)})
             if args.adapt_steps:
                 seconds = adapt_quantizer(model, prompts, world, args.adapt_steps, args.adapt_lr, args.batch_size,
                                           seed=11)

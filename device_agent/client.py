@@ -73,11 +73,13 @@ class DeviceClient:
     def encode(self, image, prompt: str):
         """-> (wire array (1, T, D), attention mask (1, T), KV cache list). A prompt-ids
         bundle (cut 0) gives the image positions' codes alone, (1, N, D)."""
-        wire, _, mask, past = self._encode(image, prompt)
+        wire, _, mask, past, _ = self._encode(image, prompt)
         return wire, mask, past
 
     def _encode(self, image, prompt: str):
-        """encode(), with the prompt's ids (1, T) too: -> (wire, ids, mask, past)."""
+        """encode(), with the prompt's ids (1, T) and, where the bundle's token reducer keeps
+        the image tokens' original positions, those positions (K,) (else None): -> (wire,
+        ids, mask, past, kept). The mask then has the position steps the graph used."""
         img = load_image(image) if isinstance(image, (str, Path)) else image
         tiling, feeds = tiling_from_dict(self.manifest.image_tiling), {}
         if tiling is not None:
@@ -98,11 +100,16 @@ class DeviceClient:
         if limit is not None and ids.shape[1] >= limit:  # refused here, before any byte is sent
             raise PromptError(f"prompt_too_long: the prompt is {ids.shape[1]} tokens and the model's context is "
                               f"{limit} (its answer needs room too); shorten the prompt")
+        if not self.manifest.prompt_ids:
+            feeds.update(input_ids=ids, attention_mask=mask)
+        names = [o.name for o in self.prefill.get_outputs()]
+        out = dict(zip(names, self.prefill.run(None, {"pixel_values": pix, **feeds})))
+        kept = out["image_positions"][0] if "image_positions" in out else None
         if self.manifest.prompt_ids:
-            codes = self.prefill.run(None, {"pixel_values": pix, **feeds})[0]  # (views, tokens, D): one image, in order
-            return codes.reshape(1, -1, codes.shape[-1]), ids, mask, []
-        out = self.prefill.run(None, {"pixel_values": pix, "input_ids": ids, "attention_mask": mask})
-        return out[0], ids, mask, out[1:]
+            codes = out["codes"]  # (views, tokens, D): one image, in order
+            return codes.reshape(1, -1, codes.shape[-1]), ids, mask, [], kept
+        past = [out[n] for n in names if n.startswith("present_")]
+        return out["codes"], ids, out.get("position_mask", mask), past, kept
 
     def encode_token(self, token_id: int, mask: np.ndarray, past: list):
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
@@ -135,27 +142,29 @@ class DeviceClient:
         return int(where[0]), len(where)
 
     def prompt_request(self, wire: np.ndarray, ids: np.ndarray, options: InferOptions, request_id: bytes,
-                       full: bool = False) -> tuple[Frame, str | None, bool]:
+                       full: bool = False, kept: np.ndarray | None = None) -> tuple[Frame, str | None, bool]:
         """The INFER_REQUEST for a prompt's `wire` and `ids` (1, T), the server to send it
         to (None: the shared topic) and whether it names the image by reference (never
-        with full=True). With prompt ids the codes are the image's alone and the ids go too."""
+        with full=True). With prompt ids the codes are the image's alone and the ids go too.
+        kept: the image tokens' original positions (_encode), which go with the image."""
         m = self.manifest
         fields = dict(request_id=request_id, fingerprint=m.fingerprint_bytes)
         prompt_ids = ids[0] if m.prompt_ids else None
-        span = self.image_span(ids) if m.quantizer == "fsq" else None
-        if span is None or not self.reuse_images:
+        span = self.image_span(ids) if m.quantizer == "fsq" or kept is not None else None
+        if span is None or not (self.reuse_images or kept is not None):
             return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
         at, n = span
         image = wire[0] if m.prompt_ids else wire[0, at:at + n]
         digest = image_digest(image)
-        held = self._images.get(digest)
+        placed = {} if kept is None else {"span": int(m.image_reduction["span"]), "kept": tuple(int(i) for i in kept)}
+        held = self._images.get(digest) if self.reuse_images else None
         if not full and held is not None and held[1] > time.monotonic():
             rest = wire[:, :0] if m.prompt_ids else np.concatenate([wire[:, :at], wire[:, at + n:]], axis=1)
-            options = dataclasses.replace(options, image=ImageRef(at, n, digest, by_reference=True))
+            options = dataclasses.replace(options, image=ImageRef(at, n, digest, by_reference=True, **placed))
             return infer_request_frame(self.part(rest), options, prompt_ids, **fields), held[0], True
         if full:
             self._images.pop(digest, None)
-        options = dataclasses.replace(options, image=ImageRef(at, n, digest))
+        options = dataclasses.replace(options, image=ImageRef(at, n, digest, **placed))
         return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
 
     def forget_server(self, server_id: str | None) -> None:
@@ -167,10 +176,10 @@ class DeviceClient:
                       request_id: bytes | None = None) -> Frame:
         """The INFER_REQUEST of one question, whole (no image by reference): for drivers
         and tests that talk to a server frame by frame."""
-        wire, ids, _, _ = self._encode(image, prompt)
+        wire, ids, _, _, kept = self._encode(image, prompt)
         saved, self.reuse_images = self.reuse_images, False
         try:
-            return self.prompt_request(wire, ids, options, request_id or new_request_id())[0]
+            return self.prompt_request(wire, ids, options, request_id or new_request_id(), kept=kept)[0]
         finally:
             self.reuse_images = saved
 
@@ -188,12 +197,12 @@ class DeviceClient:
         starts again from the prompt on whichever agent takes it, at most `restarts` times.
         """
         t0 = time.perf_counter()
-        wire, ids, mask, past = self._encode(image, prompt)
+        wire, ids, mask, past, kept = self._encode(image, prompt)
         sent = _Sent(tokens=_Tokens(on_token, t0))
         options = options or InferOptions()
         for attempt in range(restarts + 1):
             try:
-                return dataclasses.replace(self._generate(transport, wire, mask, past, ids, options, timeout,
+                return dataclasses.replace(self._generate(transport, wire, mask, past, ids, kept, options, timeout,
                                                           retries, t0, sent), restarts=attempt)
             except _SessionLost as lost:
                 if attempt == restarts:
@@ -201,9 +210,10 @@ class DeviceClient:
                 log.warning("generation lost mid-answer (%s); starting again from the prompt", lost.error)
         raise AssertionError("unreachable")
 
-    def _generate(self, transport, wire, mask, past, ids, options, timeout, retries, t0, sent: "_Sent") -> Answer:
+    def _generate(self, transport, wire, mask, past, ids, kept, options, timeout, retries, t0,
+                  sent: "_Sent") -> Answer:
         rid = new_request_id()
-        frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid)
+        frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, kept=kept)
         sent.tokens.reset()
         while True:
             frame = transport.address(frame)  # as sent, so that the byte count has the whole header
@@ -221,7 +231,7 @@ class DeviceClient:
                     log.info("the server holding the image did not answer (%s); sending it again", e)
                     self.forget_server(server_id)  # its other images too: one wait, not one per image
                     rid = new_request_id()
-                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True)
+                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True, kept=kept)
                     continue
                 if server_id is None:
                     raise
@@ -236,10 +246,10 @@ class DeviceClient:
                 if error.code == "image_not_cached" and by_ref:
                     log.info("image not held by the server (%s); sending it again", error)
                     rid = new_request_id()
-                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True)
+                    frame, server_id, by_ref = self.prompt_request(wire, ids, options, rid, full=True, kept=kept)
                     continue
                 if error.code == "bad_frame" and "version" in error.message and frame.codec.name == "TENSORS":
-                    frame = self._as_version_1(wire, options, error)
+                    frame = self._as_version_1(wire, options, error, kept)
                     rid, server_id, by_ref = frame.request_id, None, False
                     continue
                 raise
@@ -260,7 +270,7 @@ class DeviceClient:
             wire, mask, past = self.encode_token(int(nxt["token_id"]), mask, past)
             frame = self.frame(FrameKind.DECODE_STEP, wire, rid, int(nxt["step"]))
 
-    def _as_version_1(self, wire, options: InferOptions, error: RemoteError) -> Frame:
+    def _as_version_1(self, wire, options: InferOptions, error: RemoteError, kept=None) -> Frame:
         """A server that speaks only version 1: ask the version 1 way when nothing asked
         for is lost (the image reference and streaming only save bytes and waiting), else say
         what it cannot do."""
@@ -268,6 +278,10 @@ class DeviceClient:
             raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); this bundle sends "
                                             "prompt ids (protocol version 2): upgrade the server agent, or export "
                                             "the bundle with --prompt-codes")
+        if kept is not None:
+            raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); this bundle's "
+                                            "token reducer keeps the image tokens' original positions, which go "
+                                            "with the image (protocol version 2): upgrade the server agent")
         wanted = {k: v for k, v in options.to_json().items() if k not in ("image", "stream")}
         if wanted:
             raise RemoteError("old_server", f"the server runs an older edgeqtl ({error.message}); it cannot take "

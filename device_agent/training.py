@@ -78,6 +78,13 @@ class DeviceTrainer:
         if unknown:
             raise CodedError("bad_config", f"unknown trainable parts {sorted(unknown)}; choose from "
                                            f"{TRAINABLE_CHOICES}")
+        reduction = model.image_reduction
+        if reduction is not None and reduction.positions == "original":
+            # TRAIN_REQUEST's attention mask is a 1-bit map: it cannot say where the kept tokens sit
+            raise CodedError("bad_config", f"split training does not carry a reduced image's original positions "
+                                           f"(this model keeps {reduction.tokens} image tokens by "
+                                           f"{reduction.reducer}); train it in one process (edgeqtl train "
+                                           "--image-tokens), or from a checkpoint without a reducer")
         self.model = model
         self.client = model.client.train()
         self.cfg = cfg

@@ -86,7 +86,8 @@ class BundleManifest:
     # cut 0: the prefill graph takes pixels alone and returns the image positions' codes;
     # the prompt's text goes up as token ids, embedded by the server (docs/PROTOCOL.md)
     prompt_ids: bool = False
-    # the device's visual token reducer ({"reducer", "tokens", "seed"}), None: every image token goes up
+    # the device's visual token reducer ({"reducer", "tokens", "seed", "positions", "span"}; models/reduce.py),
+    # None: every image token goes up
     image_reduction: dict | None = None
     # SmolVLM's image splitting (edgeqtl.tiling.TileSpec), None: one view per image
     image_tiling: dict | None = None

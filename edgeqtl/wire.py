@@ -25,6 +25,7 @@ numbers, or UTF-8 JSON text.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import json
@@ -360,6 +361,7 @@ def hidden_part_of(frame: Frame, kind: FrameKind, rows: int | None = None) -> np
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_STREAM_EVERY = 64
+MAX_IMAGE_SPAN = 1 << 20  # positions one image may take: far past any model's context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,9 +374,53 @@ class ImageRef:
     tokens: int  # how many positions
     digest: str  # image_digest() of those positions' codes, hex
     by_reference: bool = False
+    # A reduced image whose tokens keep their original positions (models/reduce.py): the
+    # positions the whole image takes, and where among them each of the `tokens` sits
+    # (ascending). On the wire a bit map of `span` bits, base64: 92 bytes for 729 tokens.
+    span: int | None = None
+    kept: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if (self.span is None) != (self.kept is None):
+            raise ProtocolError("INFER_REQUEST options: image span and kept go together")
+        if self.kept is not None:
+            kept = self.kept
+            if len(kept) != self.tokens or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= self.span:
+                raise ProtocolError(f"INFER_REQUEST options: image kept must be {self.tokens} distinct ascending "
+                                    f"positions below the span of {self.span}")
 
     def to_json(self) -> dict:
-        return {"at": self.at, "tokens": self.tokens, "digest": self.digest, "ref": self.by_reference}
+        out = {"at": self.at, "tokens": self.tokens, "digest": self.digest, "ref": self.by_reference}
+        if self.kept is not None:
+            bits = np.zeros(self.span, np.uint8)
+            bits[list(self.kept)] = 1
+            out.update(span=self.span, kept=base64.b64encode(np.packbits(bits).tobytes()).decode("ascii"))
+        return out
+
+    @classmethod
+    def from_json(cls, image) -> "ImageRef":
+        base, positional = {"at", "tokens", "digest", "ref"}, {"span", "kept"}
+        if not isinstance(image, dict) or not base <= set(image) or not set(image) - base in (set(), positional):
+            raise ProtocolError("INFER_REQUEST options: image is {at, tokens, digest, ref[, span, kept]}")
+        at, n = _opt_int(image, "at", 0, 2 ** 31 - 1), _opt_int(image, "tokens", 1, 2 ** 31 - 1)
+        digest = image["digest"]
+        if at is None or n is None or not isinstance(image["ref"], bool) or not isinstance(digest, str) \
+                or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ProtocolError("INFER_REQUEST options: image needs integer at >= 0 and tokens >= 1, a 64-digit "
+                                "hex digest and a boolean ref")
+        if "span" not in image:
+            return cls(at, n, digest, image["ref"])
+        span = _opt_int(image, "span", n, MAX_IMAGE_SPAN)
+        try:
+            raw = base64.b64decode(image["kept"], validate=True) if isinstance(image["kept"], str) else None
+        except ValueError:
+            raw = None
+        if raw is None or len(raw) != -(-span // 8):
+            raise ProtocolError(f"INFER_REQUEST options: image kept is a base64 bit map of the span's {span} bits")
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8))
+        if bits[span:].any():
+            raise ProtocolError("INFER_REQUEST options: image kept has bits past the span")
+        return cls(at, n, digest, image["ref"], span, tuple(int(i) for i in np.flatnonzero(bits)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,15 +472,7 @@ class InferOptions:
                                 f"strings of at most {MAX_STOP_CHARS} characters")
         image = d.get("image")
         if image is not None:
-            if not isinstance(image, dict) or set(image) != {"at", "tokens", "digest", "ref"}:
-                raise ProtocolError("INFER_REQUEST options: image is {at, tokens, digest, ref}")
-            at, n = _opt_int(image, "at", 0, 2 ** 31 - 1), _opt_int(image, "tokens", 1, 2 ** 31 - 1)
-            digest = image["digest"]
-            if at is None or n is None or not isinstance(image["ref"], bool) or not isinstance(digest, str) \
-                    or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ProtocolError("INFER_REQUEST options: image needs integer at >= 0 and tokens >= 1, a 64-digit "
-                                    "hex digest and a boolean ref")
-            image = ImageRef(at, n, digest, image["ref"])
+            image = ImageRef.from_json(image)
         return cls(mnt, temperature, top_p, seed, tuple(stop), stream, image)
 
 

@@ -24,7 +24,7 @@ from edgeqtl.memory import available_mb, children_peak_rss_mb, peak_rss_mb, rele
 from edgeqtl.models.batches import image_spec_of
 from edgeqtl.models.load import (CheckpointError, generation_record, load_prompts, load_split_model,
                                  read_split_meta)
-from edgeqtl.models.reduce import all_image_tokens, reduce_image_tokens
+from edgeqtl.models.reduce import all_image_tokens, reduce_image_tokens, reduction_entry
 from edgeqtl.models.server_half import save_server_half, update_server_meta
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 
@@ -143,7 +143,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
     model = load_split_model(model_dir, split, lean=big).eval()
     split = model.split  # code_dim resolved (None: the LLM's hidden size)
     reduce_image_tokens(model, opts.image_tokens, opts.reducer)  # else the one the model was trained with
-    reduction = model.image_reduction
+    reduction, reduction_record = model.image_reduction, reduction_entry(model)
     prompt_ids = opts.prompt_ids if opts.prompt_ids is not None else split.cut == 0
     if prompt_ids and split.cut != 0:
         raise CheckpointError(f"prompt ids need cut 0 (this split is at cut {split.cut}): at cut > 0 the text "
@@ -217,7 +217,7 @@ def _export_bundle(opts: ExportOptions, progress) -> ExportResult:
                               num_layers=layers, num_kv_heads=heads, head_dim=head_dim, image=image, text=text,
                               graphs=graphs, target=opts.target, entropy=entropy.to_list() if entropy else None,
                               max_context=max_context_of_dir(out / "server"), family=family_of(model_dir),
-                              prompt_ids=prompt_ids, image_reduction=reduction.to_dict() if reduction else None,
+                              prompt_ids=prompt_ids, image_reduction=reduction_record,
                               image_tiling=tiling.to_dict() if tiling else None)
     manifest.files = [file_spec(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     manifest.save(out)

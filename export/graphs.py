@@ -1,17 +1,22 @@
 """The client half as exportable graphs with explicit tensor inputs and outputs.
 
     prefill:  pixel_values, input_ids, attention_mask
-              -> codes [, present_key_i, present_value_i for each client layer]
+              -> codes [, position_mask, image_positions] [, present_key_i, present_value_i
+                 for each client layer]
     decode:   input_ids (B, 1), attention_mask (B, P + 1), past_key_i, past_value_i ...
               -> codes (B, 1, D), present_key_i, present_value_i ...   (cut > 0 only)
-    image:    pixel_values -> codes (B, N image tokens, D)   (cut 0 with prompt ids: the
-              bundle's prefill graph; no token-embedding table on the device)
+    image:    pixel_values -> codes (B, N image tokens, D) [, image_positions (B, N)]
+              (cut 0 with prompt ids: the bundle's prefill graph; no token-embedding
+              table on the device)
     tiled:    pixel_values (views), image_index (P,) -> codes (1, P, D)   (the same, for an
               image in several views: LLaVA-OneVision's any-resolution tiling)
 
 The KV cache of the client's layers lives on the device and travels in and out of the
 decode graph as plain tensors (B, kv_heads, P, head_dim), so ONNX Runtime needs no
-cache object.
+cache object. A token reducer that keeps original positions (models/reduce.py) adds
+image_positions, the kept tokens' positions within the image, which the device sends
+with the image (wire.ImageRef), and position_mask, the attention mask with their position
+steps, which the device's decode steps extend instead of its own.
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ def cache_names(cut: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(cut) for kind in ("key", "value")]
 
 
+def keeps_positions(client: ClientHalf) -> bool:
+    """Whether the client's token reducer keeps the image tokens' original positions."""
+    return client.reducer is not None and client.reducer.spec.positions == "original"
+
+
 class PrefillGraph(nn.Module):
     def __init__(self, client: ClientHalf):
         super().__init__()
@@ -33,10 +43,11 @@ class PrefillGraph(nn.Module):
 
     def forward(self, pixel_values, input_ids, attention_mask):
         cache = KVCache() if self.cut else None
-        wire = self.client(input_ids, attention_mask, pixel_values, cache).wire
-        if not self.cut:
-            return wire
-        return (wire, *[t for i in range(self.cut) for t in cache.kv[i]])
+        out = self.client(input_ids, attention_mask, pixel_values, cache)
+        positional = (out.attention_mask, out.image_positions) if keeps_positions(self.client) else ()
+        if not self.cut and not positional:
+            return out.wire
+        return (out.wire, *positional, *[t for i in range(self.cut) for t in cache.kv[i]])
 
 
 class ImageGraph(nn.Module):
@@ -45,7 +56,8 @@ class ImageGraph(nn.Module):
         self.client = client
 
     def forward(self, pixel_values):
-        return self.client.image_wire(pixel_values).wire
+        out = self.client.image_wire(pixel_values)
+        return (out.wire, out.image_positions) if keeps_positions(self.client) else out.wire
 
 
 class TiledImageGraph(nn.Module):
@@ -86,7 +98,8 @@ def export_prefill(client: ClientHalf, path, example, opset: int = 18,
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=8192)
     inputs = ["pixel_values", "input_ids", "attention_mask"]
-    outputs = ["codes", *cache_names(cut, "present")]
+    outputs = ["codes", *(["position_mask", "image_positions"] if keeps_positions(client) else []),
+               *cache_names(cut, "present")]
     torch.onnx.export(graph, example, str(path), dynamo=True, opset_version=opset, input_names=inputs,
                       output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch, 1: seq},
@@ -100,7 +113,7 @@ def export_image(client: ClientHalf, path, pixel_values, opset: int = 18,
     vision tower, the projector and the quantizer's encoder are in it."""
     graph = ImageGraph(client).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    inputs, outputs = ["pixel_values"], ["codes"]
+    inputs, outputs = ["pixel_values"], ["codes", *(["image_positions"] if keeps_positions(client) else [])]
     torch.onnx.export(graph, (pixel_values,), str(path), dynamo=True, opset_version=opset, input_names=inputs,
                       output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}})

@@ -32,7 +32,9 @@ import torch
 
 from edgeqtl.device_agent.session import open_session
 
-from .calibration import Inputs, batches, client_codes
+from edgeqtl.models.split import position_mask
+
+from .calibration import Inputs, batches
 
 MIN_AGREEMENT = {"fp32": 0.999, "int8": 0.85, "fp16": 0.85}
 MIN_NEAR = {"fp32": 0.999, "int8": 0.995, "fp16": 0.995}
@@ -87,6 +89,7 @@ class Reference:
     answer_ids: list[np.ndarray]  # each sample's first answer token id (-1: no answer)
     decode_tokens: list[np.ndarray]  # cut > 0: the tokens fed one by one after the prefill
     decode_codes: list[np.ndarray]  # ... and PyTorch's codes for each
+    masks: list[np.ndarray] = dataclasses.field(default_factory=list)  # the masks the server takes (position steps)
 
 
 def _agree(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
@@ -111,15 +114,18 @@ def reference(model, samples, prompts, image, batch_size: int, progress=None) ->
     ref = Reference([], [], [], [], [])
     for inputs in batches(samples, prompts, image, batch_size):
         ref.inputs.append(inputs)
-        ref.codes.append(client_codes(model, inputs))
+        out = model.client(torch.from_numpy(inputs.input_ids), torch.from_numpy(inputs.attention_mask),
+                           torch.from_numpy(inputs.pixel_values))
+        ref.codes.append(out.wire.numpy())
+        ref.masks.append(out.attention_mask.numpy())
         ref.answer_ids.append(_first_answer_ids(prompts, inputs.answers))
         if progress is not None:
             progress(len(inputs.answers))
     if model.split.cut > 0:
         first = ref.inputs[0]
         cache = KVCache()
-        mask = torch.from_numpy(first.attention_mask)
-        model.client(torch.from_numpy(first.input_ids), mask, torch.from_numpy(first.pixel_values), cache)
+        mask = model.client(torch.from_numpy(first.input_ids), torch.from_numpy(first.attention_mask),
+                            torch.from_numpy(first.pixel_values), cache).attention_mask
         rng = np.random.default_rng(0)
         for _ in range(DECODE_TOKENS):
             tok = rng.integers(0, prompts.tok.get_vocab_size(), size=(len(first.answers), 1)).astype(np.int64)
@@ -156,27 +162,35 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
     has_answers = predict is not None and any((a >= 0).any() for a in ref.answer_ids)
     torch_acc = None
     if has_answers:
-        hits = [(predict(c, x.input_ids, x.attention_mask) == a)[a >= 0]
-                for c, x, a in zip(ref.codes, ref.inputs, ref.answer_ids)]
+        hits = [(predict(c, x.input_ids, m) == a)[a >= 0]
+                for c, x, m, a in zip(ref.codes, ref.inputs, ref.masks, ref.answer_ids)]
         torch_acc = float(np.concatenate(hits).mean())
     rows = []
     for g in [g for g in manifest.graphs if g.role == "prefill"]:
         sess = open_session(bundle_dir / g.file, "cpu", threads)
         agree, hits = [], []
         for x, codes, answers in zip(ref.inputs, ref.codes, ref.answer_ids):
+            mask = x.attention_mask  # the mask the server takes: with the graph's own position steps
+            names = [o.name for o in sess.get_outputs()]
             if manifest.prompt_ids:  # the image positions' codes; the text positions are the server's lookup
                 is_image = (x.input_ids == manifest.text.image_token_id) & x.attention_mask.astype(bool)
-                image = _image_codes(sess, manifest, x.pixel_values)
+                image, positions = _image_codes(sess, manifest, x.pixel_values)
                 agree.append(_agree(image, codes[is_image].reshape(image.shape), np.ones(image.shape, bool)))
                 out = codes.copy()
                 out[is_image] = image.reshape(-1, image.shape[-1])
+                if positions is not None:
+                    mask = position_mask(torch.from_numpy(mask), torch.from_numpy(is_image),
+                                         torch.from_numpy(positions), manifest.image_reduction["span"]).numpy()
             else:
-                out = sess.run(["codes"], {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
-                                           "attention_mask": x.attention_mask})[0]
+                feeds = {"pixel_values": x.pixel_values, "input_ids": x.input_ids, "attention_mask": mask}
+                if "position_mask" in names:
+                    out, mask = sess.run(["codes", "position_mask"], feeds)
+                else:
+                    out = sess.run(["codes"], feeds)[0]
                 agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None],
                                                                 codes.shape)))
             if has_answers:
-                hits.append((predict(out, x.input_ids, x.attention_mask) == answers)[answers >= 0])
+                hits.append((predict(out, x.input_ids, mask) == answers)[answers >= 0])
         exact, near = np.mean(agree, axis=0).tolist()
         rows.append(VerifyRow(f"prefill/{g.variant}", exact, near,
                               float(np.concatenate(hits).mean()) if has_answers else None, torch_acc,
@@ -190,16 +204,18 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
     return VerifyReport(rows, sum(len(x.answers) for x in ref.inputs))
 
 
-def _image_codes(sess, manifest, pixel_values: np.ndarray) -> np.ndarray:
+def _image_codes(sess, manifest, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(B, N, D) the image graph's codes for B single-view images. A tiled graph (OneVision's
     any-resolution) takes one image's views and their layout: each image as its one base
     view, laid out as without tiling (its tokens, then the newline)."""
     if "image_index" not in [i.name for i in sess.get_inputs()]:
-        return sess.run(["codes"], {"pixel_values": pixel_values})[0]
+        if "image_positions" in [o.name for o in sess.get_outputs()]:
+            return tuple(sess.run(["codes", "image_positions"], {"pixel_values": pixel_values}))
+        return sess.run(["codes"], {"pixel_values": pixel_values})[0], None
     n = manifest.text.image_token_count - 1
     index = np.arange(n + 1, dtype=np.int64)  # the view's n tokens, then the newline (source n)
     return np.concatenate([sess.run(["codes"], {"pixel_values": pixel_values[b:b + 1], "image_index": index})[0]
-                           for b in range(len(pixel_values))])
+                           for b in range(len(pixel_values))]), None
 
 
 def _verify_decode(bundle_dir, manifest, ref: Reference, variant: str, threads: int) -> tuple[float, float]:
@@ -208,9 +224,11 @@ def _verify_decode(bundle_dir, manifest, ref: Reference, variant: str, threads: 
     pre = open_session(bundle_dir / manifest.graph("prefill", variant).file, "cpu", threads)
     dec = open_session(bundle_dir / manifest.graph("decode", variant).file, "cpu", threads)
     x = ref.inputs[0]
-    past = pre.run(None, {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
-                          "attention_mask": x.attention_mask})[1:]
-    mask = x.attention_mask
+    names = [o.name for o in pre.get_outputs()]
+    outs = dict(zip(names, pre.run(None, {"pixel_values": x.pixel_values, "input_ids": x.input_ids,
+                                          "attention_mask": x.attention_mask})))
+    past = [outs[n] for n in names if n.startswith("present_")]
+    mask = outs.get("position_mask", x.attention_mask)
     scores = []
     for tok, codes in zip(ref.decode_tokens, ref.decode_codes):
         mask = np.concatenate([mask, np.ones((len(tok), 1), np.int64)], axis=1)

@@ -196,7 +196,7 @@ class Adapter:
         pos, valid, targets = answer_positions(batch.labels)
         mask = batch.attention_mask
         with torch.no_grad(), self._autocast(), self.as_teacher():
-            h_teacher = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
+            h_teacher, mask = model.client.hidden_and_mask(batch.input_ids, mask, batch.pixel_values)
             t_logits = model.server.forward_hidden(h_teacher, mask, positions=pos).float()
         with self._autocast():
             if self.teacher_projector is None:

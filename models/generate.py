@@ -19,7 +19,8 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
     """Each row's generated token ids, up to and without the first end-of-sequence id."""
     c_cache, s_cache = KVCache(), KVCache()
     mask = batch.attention_mask
-    logits = model.next_logits(batch.input_ids, mask, batch.pixel_values, c_cache, s_cache, quantized)
+    logits, mask = model.next_logits(batch.input_ids, mask, batch.pixel_values, c_cache, s_cache, quantized,
+                                     with_mask=True)
     rows = [[] for _ in range(mask.shape[0])]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):

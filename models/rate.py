@@ -232,21 +232,32 @@ def fit_image_entropy(model, samples, prompts, image, batch_size: int, prompt_id
 @torch.inference_mode()
 def question_bytes(model, samples, prompts, image, prompt_ids: bool, entropy) -> TokenBytesRow:
     """Mean size of one question's INFER_REQUEST, built and encoded by edgeqtl.wire as the
-    device builds it, over `samples` (one frame each, no image sent by reference)."""
+    device builds it, over `samples` (one frame each: the image's codes and its
+    reference, as a first question about it goes)."""
     from edgeqtl import wire
-    from edgeqtl.export.calibration import batches, client_codes
+    from edgeqtl.export.calibration import batches
 
     levels, every = model.split.levels, model.family.num_image_tokens(model.hf.config)
     packed, rans, fp16, positions = [], [], [], []
     for inputs in batches(samples, prompts, image, 1):
-        codes, ids = client_codes(model, inputs), inputs.input_ids[0]
+        out = model.client(torch.from_numpy(inputs.input_ids), torch.from_numpy(inputs.attention_mask),
+                           torch.from_numpy(inputs.pixel_values))
+        codes, ids = out.wire.numpy(), inputs.input_ids[0]
+        where = np.flatnonzero(ids == prompts.image_token_id)
         if prompt_ids:
-            codes = codes[:, ids == prompts.image_token_id]
+            codes = codes[:, where]
         codes = np.ascontiguousarray(codes)
-        for out, ent in ((packed, None), (rans, entropy)):
-            frame = wire.infer_request_frame(wire.codes_part(codes, levels, ent), wire.InferOptions(),
+        # the image's digest (and, where it keeps original positions, its kept positions) go
+        # with it, as a device that reuses images (the default) sends its first question
+        image_codes = codes[0] if prompt_ids else codes[0, where[0]:where[-1] + 1]
+        placed = {} if out.image_positions is None else {
+            "span": model.client.reducer.span, "kept": tuple(int(i) for i in out.image_positions[0])}
+        options = wire.InferOptions(image=wire.ImageRef(int(where[0]), len(where), wire.image_digest(image_codes),
+                                                        **placed))
+        for sizes, ent in ((packed, None), (rans, entropy)):
+            frame = wire.infer_request_frame(wire.codes_part(codes, levels, ent), options,
                                              ids if prompt_ids else None, **FRAME_FIELDS)
-            out.append(len(wire.encode_frame(frame)))
+            sizes.append(len(wire.encode_frame(frame)))
         hidden = np.zeros((1, len(ids) - model.num_image_tokens + every, model.hidden_size), np.float16)
         fp16.append(len(wire.encode_frame(wire.array_frame(wire.FrameKind.INFER_REQUEST, hidden, **FRAME_FIELDS))))
         positions.append(codes.shape[1])

@@ -8,13 +8,23 @@ layers and the server's prefill all shrink by N / K.
     ImageReduction("pool", 64)       average pooling over the patch grid (8 x 8 of 27 x 27)
     ImageReduction("random", 64)     a seeded choice: the control
 
-Kept tokens stay in their original order (pooling keeps the grid's). The prompt simply
-holds K image tokens, so positions are those of the shorter sequence, consecutive: the
-convention of VisionZip and DivPrune in LLaVA, and the only one a server that never
-sees the original count can reproduce. Measured, it costs a model trained with all its
-tokens much of its layout (docs/MODELS.md: 60.8% against 90.6% with original positions,
-half the tokens kept); carrying the kept indices is the change that would fix it. Every reducer exports to ONNX with a dynamic
-batch (export/graphs.py) and is covered by export's ONNX-against-PyTorch check.
+Kept tokens stay in their original order (pooling keeps the grid's). Positions follow
+one of two conventions (ImageReduction.positions):
+
+- `original` (the default): each kept token keeps the position it had among all N, and
+  the text after the image keeps its own, as if the dropped tokens were still there
+  but masked. A model trained with every token reads the same layout: measured on a
+  trained fixture with half its tokens kept, 90.6% against 60.8% (docs/MODELS.md). The
+  device sends the kept positions with the image (wire.ImageRef: a bit map of N bits),
+  and both halves carry them as position steps in the attention mask
+  (split.position_mask). A pooled token takes the position of its cell's centre; a
+  VisionZip contextual token that of the token its group formed around.
+- `consecutive`: the prompt simply holds K image tokens, at consecutive positions (the
+  convention of VisionZip and DivPrune in LLaVA). Bundles exported before the field
+  have it.
+
+Every reducer exports to ONNX with a dynamic batch (export/graphs.py) and is covered by
+export's ONNX-against-PyTorch check.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from torch import nn
 from .families.base import UnsupportedModelError
 
 REDUCERS = ("divprune", "attention", "pool", "random")
+POSITIONS = ("original", "consecutive")
 CONTEXT_FRACTION = 0.125  # VisionZip's share of contextual (merged) tokens: 8 of 64
 
 
@@ -38,10 +49,14 @@ class ImageReduction:
     reducer: str
     tokens: int  # K, the image tokens kept per image
     seed: int = 0  # `random` only
+    positions: str = "original"  # the kept tokens' positions: see the module's docstring
 
     def __post_init__(self):
         if self.reducer not in REDUCERS:
             raise UnsupportedModelError(f"--reducer must be one of {', '.join(REDUCERS)}, got {self.reducer!r}")
+        if self.positions not in POSITIONS:
+            raise UnsupportedModelError(f"image token positions must be one of {', '.join(POSITIONS)}, "
+                                        f"got {self.positions!r}")
         if self.tokens < 1:
             raise UnsupportedModelError(f"--image-tokens must be at least 1, got {self.tokens}")
 
@@ -58,7 +73,11 @@ class ImageReduction:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ImageReduction | None":
-        return cls(**d) if d else None
+        """Saved before `positions` existed: consecutive, as those models and bundles ran."""
+        if not d:
+            return None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"positions": "consecutive", **{k: v for k, v in d.items() if k in fields}})
 
     @classmethod
     def parse(cls, tokens: str | float | int | None, reducer: str | None, full: int) -> "ImageReduction | None":
@@ -86,6 +105,13 @@ def reduce_image_tokens(model, tokens, reducer: str | None) -> None:
     model.set_image_reduction(ImageReduction.parse(tokens, reducer, full))
 
 
+def reduction_entry(model) -> dict | None:
+    """The bundle manifest's image_reduction: the spec, and the positions one image takes
+    (`span`: what the device sends with the kept positions, wire.ImageRef)."""
+    spec = model.image_reduction
+    return None if spec is None else {**spec.to_dict(), "span": model.client.reducer.span}
+
+
 @contextlib.contextmanager
 def reduction_set(model, prompts, spec: "ImageReduction | None"):
     """The model keeping K of each image's tokens as `spec` says (None: all of them), and a
@@ -111,14 +137,16 @@ def all_image_tokens(model, prompts):
 
 
 class TokenReducer(nn.Module):
-    """(B, N + T, H) image features -> (B, K + T, H). `grid`: the side of the patch grid
-    when the N tokens form one (pooling needs it); `trailing`: T tokens the family always
-    appends, kept as they are (LLaVA-OneVision's newline)."""
+    """(B, N + T, H) image features -> ((B, K + T, H) features, (B, K + T) positions: each
+    kept token's position among the N + T, ascending; None under `consecutive`). `grid`:
+    the side of the patch grid when the N tokens form one (pooling needs it); `trailing`:
+    T tokens the family always appends, kept as they are (LLaVA-OneVision's newline)."""
 
     def __init__(self, spec: ImageReduction, full: int, grid: int | None, trailing: int = 0,
                  tower_attention: bool = True):
         super().__init__()
         self.spec, self.full, self.grid, self.trailing = spec, full, grid, trailing
+        self.span = full + trailing  # the positions an image takes, under either convention
         self.k, n = spec.tokens, full
         if not self.k <= n:
             raise UnsupportedModelError(f"--image-tokens {self.k}: the image has {n} tokens")
@@ -138,24 +166,37 @@ class TokenReducer(nn.Module):
             keep = torch.randperm(n, generator=g)[: self.k].sort().values
             self.register_buffer("keep", keep, persistent=False)
 
-    def forward(self, feats: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, attention: torch.Tensor | None = None):
         tail = feats[:, feats.shape[1] - self.trailing:] if self.trailing else None
         x = feats[:, : feats.shape[1] - self.trailing] if self.trailing else feats
-        reducer = self.spec.reducer
+        b, reducer, original = x.shape[0], self.spec.reducer, self.spec.positions == "original"
         if reducer == "random":
+            keep = self.keep.unsqueeze(0).expand(b, -1)
             out = x[:, self.keep]
         elif reducer == "pool":
-            b, n, h = x.shape
+            n, h = x.shape[1], x.shape[2]
             grid = x.transpose(1, 2).reshape(b, h, self.grid, self.grid)
             out = F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
+            keep = pool_centres(self.grid, self.side, x.device).unsqueeze(0).expand(b, -1)
         elif reducer == "divprune":
-            out = _gather(x, divprune(x, self.k))
+            keep = divprune(x, self.k)
+            out = _gather(x, keep)
         else:
             if attention is None:
                 raise UnsupportedModelError("--reducer attention needs the tower's attention; this family's "
                                             "image tokens are not the tower's (use divprune, pool or random)")
-            out = visionzip(x, attention, self.k)
-        return torch.cat([out, tail], dim=1) if tail is not None else out
+            out, keep = visionzip(x, attention, self.k, in_order=original)
+        if tail is not None:
+            out = torch.cat([out, tail], dim=1)
+            keep = torch.cat([keep, torch.arange(self.full, self.span, device=x.device).unsqueeze(0).expand(b, -1)], 1)
+        return out, (keep if original else None)
+
+
+def pool_centres(grid: int, side: int, device=None) -> torch.Tensor:
+    """(side * side,) the position among a grid x grid raster of each pooled cell's centre
+    (adaptive pooling's cells, rounded down): ascending, one per cell."""
+    centre = ((torch.arange(side, device=device) * 2 + 1) * grid) // (2 * side)
+    return (centre.unsqueeze(1) * grid + centre.unsqueeze(0)).flatten()
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -181,11 +222,13 @@ def divprune(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(chosen, dim=1).sort(dim=1).values
 
 
-def visionzip(x: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+def visionzip(x: torch.Tensor, attention: torch.Tensor, k: int, in_order: bool = False):
     """VisionZip for a tower without a class token: the K - C tokens that receive the most
     attention (mean over heads and queries of the tower's last layer) stay, in order;
     the rest are merged into C contextual tokens, each the mean of the remaining tokens
-    most similar to one of C evenly spaced targets among them."""
+    most similar to one of C evenly spaced targets among them. -> (features (B, K, H),
+    positions (B, K)): a contextual token's is its target's. in_order: the K sorted by
+    position (the original-positions convention); else the contextual tokens come last."""
     b, n, h = x.shape
     contextual = min(max(1, int(k * CONTEXT_FRACTION)), k - 1) if k > 1 else 0
     dominant = k - contextual
@@ -194,13 +237,18 @@ def visionzip(x: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
     keep = order[:, :dominant].sort(dim=1).values
     out = _gather(x, keep)
     if not contextual:
-        return out
+        return out, keep
     rest_idx = order[:, dominant:].sort(dim=1).values  # the others, in order
     rest = _gather(x, rest_idx)  # (B, R, H)
     r = n - dominant
     step = r // contextual
-    targets = rest[:, torch.arange(contextual, device=x.device) * step]  # (B, C, H)
+    target_at = torch.arange(contextual, device=x.device) * step
+    targets = rest[:, target_at]  # (B, C, H)
     sim = F.normalize(rest.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).transpose(1, 2)  # (B, R, C)
     assign = F.one_hot(sim.argmax(-1), contextual).to(x.dtype)  # (B, R, C)
     merged = assign.transpose(1, 2) @ rest / assign.sum(1).clamp(min=1).unsqueeze(-1)
-    return torch.cat([out, merged], dim=1)
+    out, positions = torch.cat([out, merged], dim=1), torch.cat([keep, rest_idx[:, target_at]], dim=1)
+    if not in_order:
+        return out, positions
+    positions, order = positions.sort(dim=1)
+    return _gather(out, order), positions

@@ -117,9 +117,29 @@ def attention_bias(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
-    """Positions count only attended tokens, so left padding does not shift them."""
+    """Positions count only attended tokens, so left padding does not shift them. Each
+    mask entry is how far its token's position is past the previous one's (0: padding):
+    1 everywhere but after an image whose tokens keep their original positions."""
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return pos[:, -q_len:]
+
+
+def position_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, image_positions: torch.Tensor,
+                  span: int) -> torch.Tensor:
+    """The attention mask with position steps (position_ids_from_mask), for one image per
+    row whose tokens sit at `image_positions` (B, K), ascending, among the `span` positions
+    the whole image would take: the i-th image token steps past the previous one by the
+    gap between their positions, the first token after the image past the last by what
+    is left of the span, every other token by 1. Written with gathers, so that it exports
+    to ONNX with dynamic shapes; the server builds the same from the frame (wire.ImageRef)."""
+    k = image_positions.shape[1]
+    rank = (is_image.long().cumsum(-1) - 1).clamp(min=0, max=k - 1)
+    before = torch.cat([torch.full_like(image_positions[:, :1], -1), image_positions[:, :-1]], dim=1)
+    image_step = torch.gather(image_positions, 1, rank) - torch.gather(before, 1, rank)
+    after_image = ~is_image & torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+    rest_of_span = span - image_positions[:, -1:]
+    step = torch.where(is_image, image_step, torch.where(after_image, rest_of_span, torch.ones_like(rank)))
+    return step * attention_mask.long()
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,6 +178,18 @@ def run_layers(decoder, layers, h, attention_mask, cache: KVCache | None = None,
 class ClientOutput:
     wire: torch.Tensor  # what is sent: uint8 codes, or fp16/fp32 hidden states
     values: torch.Tensor  # the float tensor the wire rounds; gradients arrive here
+    # the mask the server half takes: with position steps where a reduced image keeps its
+    # original positions (position_mask), else the one given
+    attention_mask: torch.Tensor | None = None
+    # (B, K) the kept image tokens' positions within the image (None: consecutive)
+    image_positions: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Embedded:
+    hidden: torch.Tensor  # (B, T, hidden): the token embeddings, the image's features at its positions
+    attention_mask: torch.Tensor | None  # with the image's position steps (position_mask)
+    image_positions: torch.Tensor | None = None  # (B, K) the kept image tokens' positions; None: consecutive
 
 
 class ClientHalf(nn.Module):
@@ -177,40 +209,55 @@ class ClientHalf(nn.Module):
         self.family = parts.family
         self.reducer = None  # models/reduce.py TokenReducer: K of the image's tokens go on
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, N, hidden) what the image positions get: the family's tower and connector,
-        then the token reducer where the model has one (N is then K)."""
+    def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """((B, N, hidden) what the image positions get: the family's tower and connector,
+        then the token reducer where the model has one (N is then K); (B, N) the kept
+        tokens' positions within the image, or None where they are consecutive)."""
         if self.reducer is None:
-            return self.family.image_features(self, pixel_values)
+            return self.family.image_features(self, pixel_values), None
         if self.reducer.spec.reducer == "attention":
             return self.reducer(*self.family.image_features_and_attention(self, pixel_values))
         return self.reducer(self.family.image_features(self, pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_tokens(pixel_values)[0]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              attention_mask: torch.Tensor | None = None) -> "Embedded":
         is_image = input_ids == self.image_token_id
         emb = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
         if pixel_values is None:
-            return emb
-        feats = self.image_features(pixel_values).to(emb.dtype)
+            return Embedded(emb, attention_mask)
+        feats, positions = self.image_tokens(pixel_values)
+        feats = feats.to(emb.dtype)
         # Image features go, in order, to the image-token positions (as masked_scatter
         # does), written as a gather so that it exports to ONNX with dynamic shapes.
         idx = (is_image.long().cumsum(-1) - 1).clamp(min=0, max=feats.shape[1] - 1)
         gathered = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        return torch.where(is_image.unsqueeze(-1), gathered, emb)
+        if positions is not None and attention_mask is not None:
+            attention_mask = position_mask(attention_mask, is_image, positions, self.reducer.span)
+        return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions)
+
+    def hidden_and_mask(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
+        """-> (hidden states at the cut, the mask the server half takes with them)."""
+        e = self.embed(input_ids, pixel_values, attention_mask)
+        return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e.attention_mask
 
     def hidden(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
-        h = self.embed(input_ids, pixel_values)
-        return run_layers(self._decoder, self.layers, h, attention_mask, cache)
+        return self.hidden_and_mask(input_ids, attention_mask, pixel_values, cache)[0]
 
     def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
-        return self.to_wire(self.hidden(input_ids, attention_mask, pixel_values, cache))
+        e = self.embed(input_ids, pixel_values, attention_mask)
+        h = run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache)
+        return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions)
 
     def image_wire(self, pixel_values) -> ClientOutput:
         """At cut 0, what the image positions send: the projected image features, quantized
         (the text positions go as token ids, which the server embeds: prompt ids)."""
         if self.split.cut != 0:
             raise ValueError("prompt ids need cut 0: at cut > 0 the text positions pass through the device's layers")
-        return self.to_wire(self.image_features(pixel_values))
+        feats, positions = self.image_tokens(pixel_values)
+        return dataclasses.replace(self.to_wire(feats), image_positions=positions)
 
     def tiled_image_wire(self, pixel_values, image_index) -> ClientOutput:
         """At cut 0, an image in several views (LLaVA-OneVision's any-resolution tiling):
@@ -348,15 +395,19 @@ class SplitModel:
                                            family.token_grid(cfg), family.trailing_tokens, family.tower_attention)
 
     def next_logits(self, input_ids, attention_mask, pixel_values=None, client_cache: KVCache | None = None,
-                    server_cache: KVCache | None = None, quantized: bool = True) -> torch.Tensor:
+                    server_cache: KVCache | None = None, quantized: bool = True, with_mask: bool = False):
         """(B, V) the next token's logits after each row, in one process. quantized: through
         the wire, as a deployment answers (under exact_text the text positions keep their
-        own embeddings, as the server agent does with prompt ids); else the unsplit model."""
-        h = self.client.hidden(input_ids, attention_mask, pixel_values, client_cache)
+        own embeddings, as the server agent does with prompt ids); else the unsplit model.
+        with_mask: (logits, the mask with the image's position steps), which the next
+        decode steps extend."""
+        h, mask = self.client.hidden_and_mask(input_ids, attention_mask, pixel_values, client_cache)
         if quantized:
-            return self.server.next_logits(self.client.to_wire(h).wire, attention_mask, server_cache, h,
-                                           input_ids == self.client.image_token_id)
-        return self.server.forward_hidden(h, attention_mask, server_cache, last_positions(h))[:, -1]
+            logits = self.server.next_logits(self.client.to_wire(h).wire, mask, server_cache, h,
+                                             input_ids == self.client.image_token_id)
+        else:
+            logits = self.server.forward_hidden(h, mask, server_cache, last_positions(h))[:, -1]
+        return (logits, mask) if with_mask else logits
 
     def parameters(self):
         yield from self.client.parameters()

@@ -201,7 +201,7 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     (models.steps): the server sees only the wire tensor and the attention mask, the
     client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    step = server_step(model.server, model.server.receive(out.wire), batch.labels, batch.attention_mask)
+    step = server_step(model.server, model.server.receive(out.wire), batch.labels, out.attention_mask)
     commit = client_backward(out, step.grad, model.split, commitment, client_aux)
     return {"loss": step.loss, "commit": commit, "per_sample": step.per_sample}
 

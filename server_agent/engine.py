@@ -41,7 +41,7 @@ from edgeqtl.codec import EntropyModel
 from edgeqtl.errors import CodedError
 from edgeqtl.wire import (Codec, Frame, FrameKind, Part, ProtocolError, error_frame, image_digest, json_frame,
                           parse_infer_request, tokens_frame)
-from edgeqtl.models.split import KVCache, last_positions
+from edgeqtl.models.split import KVCache, last_positions, position_mask
 
 from .image_cache import ImageCache
 from .sampling import Decoding, GenerationSettings
@@ -52,7 +52,7 @@ log = logging.getLogger("edgeqtl.server")
 @dataclasses.dataclass
 class Session:
     cache: KVCache | None
-    mask: torch.Tensor  # (1, tokens so far)
+    mask: torch.Tensor  # (1, tokens so far): each token's position step (models.split.position_mask)
     tokens: list[int]
     step: int
     deadline: float
@@ -137,9 +137,10 @@ class GenerationEngine:
         # a copy: the frame's array may be a read-only view of the message, which torch cannot wrap
         return torch.from_numpy(np.array(arr, copy=True)).to(self.device)
 
-    def _prompt(self, frame: Frame) -> tuple[torch.Tensor, Decoding, str | None]:
+    def _prompt(self, frame: Frame) -> tuple[torch.Tensor, Decoding, str | None, torch.Tensor]:
         """An INFER_REQUEST's whole prompt (an image by reference spliced back in), its
-        decoding, and the digest of the image codes it leaves here for the next question."""
+        decoding, the digest of the image codes it leaves here for the next question, and
+        its attention mask (1, T) with the image's position steps."""
         try:
             req = parse_infer_request(frame)
         except ProtocolError as e:
@@ -147,14 +148,16 @@ class GenerationEngine:
         part, options = req.codes, req.options
         decoding = self.settings.resolve(options, frame.request_id)
         if req.prompt_ids is not None:
-            return self._with_prompt_ids(frame, req, decoding)
+            wire, decoding, cached = self._with_prompt_ids(frame, req, decoding)
+            return wire, decoding, cached, self._position_mask(options.image, req.prompt_ids == self.image_token_id)
         if self.split.exact_text:
             raise CodedError("bad_request", "this server half embeds the prompt's text itself (an adapted model: "
                                             "exact text at cut 0); send the prompt as ids, with a bundle exported "
                                             "with --prompt-ids")
         ref = options.image
         if ref is None:
-            return self._tensor(self.wire_tensor(part)), decoding, None
+            arr = self.wire_tensor(part)
+            return self._tensor(arr), decoding, None, self._position_mask(None, np.zeros(arr.shape[1], bool))
         arr = self.wire_tensor(part, image_tokens=ref.tokens if ref.by_reference else 0)
         if ref.by_reference:
             if ref.at > arr.shape[1]:
@@ -165,7 +168,7 @@ class GenerationEngine:
                                                        f"{frame.device_id!r} (expired or never sent here); send the "
                                                        "image again")
             arr = np.concatenate([arr[:, :ref.at], kept[None].astype(arr.dtype), arr[:, ref.at:]], axis=1)
-            return self._tensor(arr), decoding, ref.digest
+            return self._tensor(arr), decoding, ref.digest, self._position_mask(ref, self._image_at(ref, arr))
         if ref.at + ref.tokens > arr.shape[1]:
             raise CodedError("bad_options", f"image positions {ref.at}..{ref.at + ref.tokens} run past the "
                                             f"{arr.shape[1]} positions sent")
@@ -175,7 +178,29 @@ class GenerationEngine:
             cached = ref.digest
         else:
             log.info("image codes from %s not kept (digest differs or too large)", frame.device_id)
-        return self._tensor(arr), decoding, cached
+        return self._tensor(arr), decoding, cached, self._position_mask(ref, self._image_at(ref, arr))
+
+    @staticmethod
+    def _image_at(ref, arr: np.ndarray) -> np.ndarray:
+        is_image = np.zeros(arr.shape[1], bool)
+        is_image[ref.at:ref.at + ref.tokens] = True
+        return is_image
+
+    def _position_mask(self, ref, is_image: np.ndarray) -> torch.Tensor:
+        """(1, T): 1 a token, or where the image keeps its original positions (ref.kept),
+        the position steps the device's own graph used (models.split.position_mask)."""
+        ones = torch.ones(1, len(is_image), dtype=torch.long, device=self.device)
+        if ref is None or ref.kept is None:
+            return ones
+        if int(is_image.sum()) != ref.tokens:
+            raise CodedError("bad_options", f"the image's kept positions name {ref.tokens} tokens; the prompt has "
+                                            f"{int(is_image.sum())} image positions")
+        mask = position_mask(ones, torch.from_numpy(is_image)[None].to(self.device),
+                             torch.tensor([ref.kept], device=self.device), ref.span)
+        if int(mask.sum()) > self.max_context:
+            raise CodedError("prompt_too_long", f"the prompt takes {int(mask.sum())} positions (its image's "
+                                                  f"{ref.span} among them); the server's context is {self.max_context}")
+        return mask
 
     def _with_prompt_ids(self, frame: Frame, req, decoding: Decoding) -> tuple[torch.Tensor, Decoding, str | None]:
         """Prompt ids (cut 0): the text positions' codes from this half's own embedding
@@ -310,7 +335,7 @@ class GenerationEngine:
 
     def _done(self, session: Session) -> bool:
         return session.tokens[-1] in session.decoding.eos or session.stopped \
-            or len(session.tokens) >= session.decoding.max_new_tokens or session.mask.shape[1] >= self.max_context
+            or len(session.tokens) >= session.decoding.max_new_tokens or int(session.mask.sum()) >= self.max_context
 
     def _ids(self, session: Session) -> list[int]:
         return [t for t in session.tokens if t not in session.decoding.eos]
@@ -340,19 +365,17 @@ class GenerationEngine:
         s.streamed = len(ids)
 
     def _prefill(self, group: list[tuple]) -> list[Frame]:
-        frames, wires = [g[1] for g in group], [g[2] for g in group]
+        frames, wires, masks = [g[1] for g in group], [g[2] for g in group], [g[5] for g in group]
         lengths = [w.shape[1] for w in wires]
         t_max = max(lengths)
         # Left padding: positions come from the mask, so a padded prompt sees what it would alone.
         wire = torch.cat([torch.nn.functional.pad(w, (0, 0, t_max - n, 0)) for w, n in zip(wires, lengths)])
-        mask = torch.zeros(len(wires), t_max, dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, t_max - n:] = 1
+        mask = torch.cat([torch.nn.functional.pad(m, (t_max - n, 0)) for m, n in zip(masks, lengths)])
         cache = KVCache()
         logits = self._logits(wire, mask, cache)
         deadline = time.time() + self.session_timeout
-        sessions = [Session(None, torch.ones(1, n, dtype=torch.long, device=self.device), [], 1, deadline,
-                            decoding=g[3], frame=g[1], image_cached=g[4]) for n, g in zip(lengths, group)]
+        sessions = [Session(None, g[5], [], 1, deadline, decoding=g[3], frame=g[1], image_cached=g[4])
+                    for g in group]
         for row, s in enumerate(sessions):
             self._add(s, logits[row])
         if self.split.cut == 0:  # the server holds the token encoder: generate to the end, all rows at once
@@ -391,9 +414,8 @@ class GenerationEngine:
         else:
             lengths = [s.mask.shape[1] for s in sessions]
             l_max = max(lengths)
-            mask = torch.zeros(len(sessions), l_max + 1, dtype=torch.long, device=self.device)
-            for row, n in enumerate(lengths):
-                mask[row, l_max - n:] = 1
+            mask = torch.cat([torch.nn.functional.pad(s.mask, (l_max - n, 1), value=0) for s, n in zip(sessions, lengths)])
+            mask[:, -1] = 1
             pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, l_max - n, 0))  # noqa: E731
             cache = KVCache({i: (torch.cat([pad(s.cache.kv[i][0], n) for s, n in zip(sessions, lengths)]),
                                  torch.cat([pad(s.cache.kv[i][1], n) for s, n in zip(sessions, lengths)]))

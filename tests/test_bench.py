@@ -101,8 +101,9 @@ def test_wire_suite_quick(bench_quick):
     k = section.figures["against_image_tokens"]
     assert [r["tokens"] for r in k] == [4, 2, 1] and "against K" in section.markdown
     assert all(a["packed"] > b["packed"] and a["rans"] > b["rans"] for a, b in zip(k, k[1:]))
-    # K = all, built in process, is the frame the device sent less the image digest it adds (JSON, under 150 B)
-    assert 0 <= q["packed"]["bytes_up"] - k[0]["packed"] < 150, (q["packed"]["bytes_up"], k[0]["packed"])
+    # K = all, built in process as the device builds it (the image's digest included), is the frame it sent,
+    # but for its device id ("bench-wire-packed", 9 characters longer than "device-0") and other questions
+    assert 0 <= q["packed"]["bytes_up"] - k[0]["packed"] < 20, (q["packed"]["bytes_up"], k[0]["packed"])
     t = {r["gradient_codec"]: r for r in section.figures["per_training_step"]}
     assert t["int4"]["bytes_down"] < t["int8"]["bytes_down"] < t["fp16"]["bytes_down"]
     assert t["int8"]["bytes_up"] == t["fp16"]["bytes_up"]  # the codes go up the same way

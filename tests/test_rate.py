@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeqtl.cli import main
+from edgeqtl.wire import ImageRef, json_part
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,14 @@ def test_calibrate_reports_bytes_per_question_against_k(tiny_model, tmp_path):
     rows = cal["bytes_against_tokens"]
     assert [r["tokens"] for r in rows] == [4, 2, 1]  # the tiny preset's 4 image tokens; 0.125 rounds to 1 again
     assert [r["positions"] for r in rows] == [4, 2, 1] and "bytes per question against K" in output
+    # a reduced image says where its kept tokens sat: a map of the 4 positions, in the JSON options
+    plain, placed = ImageRef(5, 2, "0" * 64), ImageRef(5, 2, "0" * 64, span=4, kept=(0, 3))
+    position_map = len(json_part(placed.to_json()).payload) - len(json_part(plain.to_json()).payload)
+    assert 0 < position_map < 32
     for a, b in zip(rows, rows[1:]):
         # one image token fewer: its 128 codes at 2 bits (32 B) and its prompt id (4 B) leave the frame
-        assert a["packed"] - b["packed"] == pytest.approx((a["tokens"] - b["tokens"]) * (128 * 2 // 8 + 4))
+        saved = (a["tokens"] - b["tokens"]) * (128 * 2 // 8 + 4) - (position_map if a["tokens"] == 4 else 0)
+        assert a["packed"] - b["packed"] == pytest.approx(saved)
         assert a["fp16"] == b["fp16"]  # the 16-bit reference keeps every image token
     assert all(r["rans"] <= r["packed"] for r in rows)
     r = CliRunner().invoke(main, ["calibrate", "--model", str(tiny_model), "--token-fractions", "2", "--out",

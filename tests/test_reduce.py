@@ -1,7 +1,9 @@
 """Visual token reduction on the device (models/reduce.py): each reducer keeps K tokens
-in their original order, the reduced client exports to ONNX and verifies against
-PyTorch, one server half answers bundles with different K (it takes the count from
-each request), and training records the reducer for export."""
+in their original order and says where they sat, the kept positions travel with the
+image and the server builds the same position steps the device used, the reduced
+client exports to ONNX and verifies against PyTorch, one server half answers bundles
+with different K (it takes the count from each request), and training records the
+reducer for export."""
 from __future__ import annotations
 
 import json
@@ -11,8 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from edgeqtl import shapes
-from edgeqtl.models.reduce import ImageReduction, TokenReducer, divprune, visionzip
-from edgeqtl.models.split import SplitConfig, UnsupportedModelError
+from edgeqtl.models.reduce import ImageReduction, TokenReducer, divprune, pool_centres, visionzip
+from edgeqtl.models.split import SplitConfig, UnsupportedModelError, position_ids_from_mask, position_mask
+from edgeqtl.wire import ImageRef, InferOptions, ProtocolError
 
 NEVER = 10 ** 9
 
@@ -25,10 +28,13 @@ def _rows_of(out: torch.Tensor, x: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("reducer", ["divprune", "random"])
 def test_selecting_reducers_keep_input_tokens_in_their_order(reducer):
     x = torch.randn(1, 36, 8)
-    out = TokenReducer(ImageReduction(reducer, 9), 36, 6)(x)
+    out, positions = TokenReducer(ImageReduction(reducer, 9), 36, 6)(x)
     rows = _rows_of(out, x)
     assert out.shape == (1, 9, 8) and rows == sorted(set(rows)) and len(rows) == 9
     assert torch.equal(out[0], x[0, rows])
+    assert positions[0].tolist() == rows  # each kept token keeps its own position
+    _, none = TokenReducer(ImageReduction(reducer, 9, positions="consecutive"), 36, 6)(x)
+    assert none is None
 
 
 def test_random_is_seeded():
@@ -45,20 +51,55 @@ def test_divprune_keeps_one_of_each_duplicate_group():
 
 def test_pooling_averages_blocks_of_the_grid():
     x = torch.arange(36 * 2, dtype=torch.float32).view(1, 36, 2)
-    out = TokenReducer(ImageReduction("pool", 9), 36, 6)(x)
+    out, positions = TokenReducer(ImageReduction("pool", 9), 36, 6)(x)
     grid = x[0].view(6, 6, 2)
     assert torch.allclose(out[0, 0], grid[:2, :2].reshape(-1, 2).mean(0))
     assert torch.allclose(out[0, 8], grid[4:, 4:].reshape(-1, 2).mean(0))
+    assert positions[0].tolist() == [7, 9, 11, 19, 21, 23, 31, 33, 35]  # each 2 x 2 cell's centre, rounded down
+    assert pool_centres(27, 8).tolist() == sorted(set(pool_centres(27, 8).tolist()))
 
 
 def test_visionzip_keeps_the_most_attended_tokens_and_merges_the_rest():
     x = torch.randn(1, 20, 4)
     attn = torch.zeros(1, 2, 20, 20)
     attn[..., [3, 7, 11, 15, 19, 1, 5]] = 1.0  # every query looks at these
-    out = visionzip(x, attn, 8)  # 7 dominant + 1 contextual
+    out, positions = visionzip(x, attn, 8)  # 7 dominant + 1 contextual
     assert torch.equal(out[0, :7], x[0, [1, 3, 5, 7, 11, 15, 19]])
     rest = [i for i in range(20) if i not in (1, 3, 5, 7, 11, 15, 19)]
     assert torch.allclose(out[0, 7], x[0, rest].mean(0), atol=1e-6)  # one target: all the rest merged
+    assert positions[0].tolist() == [1, 3, 5, 7, 11, 15, 19, 0]  # the contextual token at its target's, rest[0]
+    ordered, at = visionzip(x, attn, 8, in_order=True)  # original positions: sorted in by position
+    assert at[0].tolist() == [0, 1, 3, 5, 7, 11, 15, 19] and torch.equal(ordered[0, 0], out[0, 7])
+
+
+def test_position_steps_put_kept_tokens_where_they_were():
+    # [pad, text, 3 of an image's 9 tokens (kept: 1, 4, 7), text, text]
+    is_image = torch.tensor([[False, False, True, True, True, False, False]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+    steps = position_mask(mask, is_image, torch.tensor([[1, 4, 7]]), span=9)
+    assert steps.tolist() == [[0, 1, 2, 3, 3, 2, 1]]
+    # the image starts at 1: its kept tokens at 1 + 1, 1 + 4, 1 + 7; the text after it at 1 + 9
+    assert position_ids_from_mask(steps, 7).tolist() == [[0, 0, 2, 5, 8, 10, 11]]
+    assert position_mask(mask, torch.zeros_like(is_image), torch.tensor([[1, 4, 7]]), 9).tolist() == mask.tolist()
+
+
+def test_kept_positions_travel_as_a_bit_map_and_bad_ones_are_refused():
+    ref = ImageRef(5, 4, "ab" * 32, span=729, kept=(0, 5, 100, 728))
+    sent = ref.to_json()
+    assert len(sent["kept"]) == 124  # 729 bits, base64
+    assert InferOptions.from_json({"image": sent}).image == ref
+    for bad in ({**sent, "kept": sent["kept"][:-4]}, {**sent, "kept": "!" * 124}, {**sent, "span": 3},
+                {**sent, "tokens": 5}, {k: v for k, v in sent.items() if k != "span"}):
+        with pytest.raises(ProtocolError):
+            InferOptions.from_json({"image": bad})
+    with pytest.raises(ProtocolError, match="distinct ascending"):
+        ImageRef(0, 2, "ab" * 32, span=9, kept=(4, 4))
+
+
+def test_saved_reductions_from_before_positions_stay_consecutive():
+    old = {"reducer": "divprune", "tokens": 64, "seed": 0}
+    assert ImageReduction.from_dict(old).positions == "consecutive"
+    assert ImageReduction.from_dict(ImageReduction("pool", 64).to_dict()).positions == "original"
 
 
 def test_bad_reductions_are_one_clear_line():
@@ -124,6 +165,11 @@ def test_reduced_bundles_verify_and_one_server_answers_every_k(onevision, mosqui
         model = load_split_model(d / "model", reduction=ImageReduction(reducer, k))
         batch = Collator(load_prompts(d / "model", model), image_spec_of(model))([world_example(s)], with_answer=False)
         assert answers[reducer].token_ids == generate(model, batch, 3, {NEVER})[0]
+        # the server's position steps, from the kept positions the device sent, are the ones PyTorch used
+        frame = DeviceClient(d / reducer).request_frame(s.image, s.question)
+        assert InferOptions.from_json(frame.parts()[-1].json()).image.span == full.num_image_tokens  # 729 and the newline
+        steps = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values).attention_mask
+        assert torch.equal(engine._prompt(frame)[3], steps) and steps.max() > 1
         every_image_token = full.num_image_tokens * full.split.code_dim * 2 / 8  # 730 tokens' codes, packed
         assert answers[reducer].bytes_up < 0.2 * every_image_token  # 17 of them go, with the prompt's ids
 
@@ -142,3 +188,36 @@ def test_training_records_the_reducer_and_export_uses_it(tmp_path):
     refused = CliRunner().invoke(main, ["train", "--preset", "tiny", "--steps", "2", "--image-tokens", "2",
                                         "--out", str(tmp_path / "x"), "--quiet"])
     assert refused.exit_code != 0 and "--probe none" in refused.output
+
+
+def test_a_reduced_bundle_at_cut_2_decodes_with_the_kept_positions(tmp_path, mosquitto):
+    """At cut > 0 the device's own layers use the position steps too, and its decode steps
+    extend the prefill graph's position_mask: answers equal in-process PyTorch's."""
+    from edgeqtl.device_agent.client import DeviceClient
+    from edgeqtl.export.bundle import ExportOptions, export_bundle
+    from edgeqtl.models.batches import Collator, image_spec_of, world_example
+    from edgeqtl.models.checkpoint import save_checkpoint
+    from edgeqtl.models.generate import generate
+    from edgeqtl.models.load import load_prompts, load_split_model
+    from edgeqtl.models.presets import build_tiny
+    from edgeqtl.models.split import SplitModel
+    from edgeqtl.server_agent.agent import ServerAgent, load_engine
+    from edgeqtl.server_agent.sampling import GenerationSettings
+    from edgeqtl.transport import BrokerConfig, RequestClient
+
+    save_checkpoint(SplitModel(build_tiny(3), SplitConfig(cut=2, levels=4)), tmp_path / "model")
+    res = export_bundle(ExportOptions(tmp_path / "model", tmp_path / "bundle", verify_per_family=1, image_tokens="2",
+                                      reducer="random"), progress=None)
+    assert res.verification.ok, res.verification.table()  # prefill and decode graphs against PyTorch
+    assert {"position_mask", "image_positions"} <= {o.name for o in res.manifest.graph("prefill").outputs}
+    engine = load_engine(tmp_path / "bundle" / "server")
+    engine.settings = GenerationSettings(eos_token_ids=(NEVER,), max_new_tokens=4)
+    model = load_split_model(tmp_path / "model", reduction=ImageReduction("random", 2))
+    collate = Collator(load_prompts(tmp_path / "model", model), image_spec_of(model))
+    cfg = BrokerConfig(port=mosquitto.port)
+    with ServerAgent(engine, cfg), RequestClient(cfg, "pi-cut2") as t:
+        client = DeviceClient(tmp_path / "bundle")
+        for s in shapes.heldout(2)[:4]:
+            answer = client.ask(t, s.image, s.question)
+            expected = generate(model, collate([world_example(s)], with_answer=False), 4, {NEVER})[0]
+            assert answer.token_ids == expected and answer.round_trips == 4
