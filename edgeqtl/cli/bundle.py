@@ -69,7 +69,8 @@ def _print(r: dict) -> None:
     click.echo(f"split        cut {r['cut']} of {r['layers']} layers, {r['quantizer']} {levels}, "
                f"{r['code_dim']} codes per token (hidden {r['hidden_size']}), target {r['target']}, "
                f"entropy coding {'on' if r['entropy_coding'] else 'off'}")
-    reduced = f" (kept by {r['image_reduction']['reducer']})" if r.get("image_reduction") else ""
+    red = r.get("image_reduction")
+    reduced = f" (kept by {red['reducer']}, {red.get('positions', 'consecutive')} positions)" if red else ""
     click.echo(f"image        {r['image_size']} px -> {r['image_tokens']} image tokens{reduced}; "
                f"context {r['max_context'] or '?'} tokens")
     for v in r["variants"]:
