@@ -78,13 +78,6 @@ class DeviceTrainer:
         if unknown:
             raise CodedError("bad_config", f"unknown trainable parts {sorted(unknown)}; choose from "
                                            f"{TRAINABLE_CHOICES}")
-        reduction = model.image_reduction
-        if reduction is not None and reduction.positions == "original":
-            # TRAIN_REQUEST's attention mask is a 1-bit map: it cannot say where the kept tokens sit
-            raise CodedError("bad_config", f"split training does not carry a reduced image's original positions "
-                                           f"(this model keeps {reduction.tokens} image tokens by "
-                                           f"{reduction.reducer}); train it in one process (edgeqtl train "
-                                           "--image-tokens), or from a checkpoint without a reducer")
         self.model = model
         self.client = model.client.train()
         self.cfg = cfg
@@ -134,11 +127,12 @@ class DeviceTrainer:
         # a device without checkpoints cannot replay, and says so
         ckpt = self.ckpt_step if self.state_dir is not None else step - 1
         ids = dict(request_id=new_request_id(), fingerprint=self.fingerprint, step=step, device_id=self.device_id)
+        # the mask the server half takes: with position steps where a reduced image keeps its positions
+        mask = out.attention_mask.numpy()
         if self.private:  # no answer ids: only where the head needs hidden states back
-            frame = trunk_request_frame(wire, batch.attention_mask.numpy(), output_positions(batch.labels.numpy()),
-                                        ckpt, **ids)
+            frame = trunk_request_frame(wire, mask, output_positions(batch.labels.numpy()), ckpt, **ids)
         else:
-            frame = train_request_frame(wire, batch.labels.numpy(), batch.attention_mask.numpy(), ckpt, **ids)
+            frame = train_request_frame(wire, batch.labels.numpy(), mask, ckpt, **ids)
         return frame, out, batch
 
     def head_gradient(self, step: int, batch, reply: Frame) -> tuple[Frame, dict]:

@@ -250,7 +250,7 @@ class TrainRequest:
 
     codes: Part  # CODES (B, T, code_dim), or FLOAT16 values for a split without a quantizer
     labels: np.ndarray  # (B, T) int64, IGNORE_LABEL where there is no loss
-    attention_mask: np.ndarray  # (B, T) int64, 0 or 1
+    attention_mask: np.ndarray  # (B, T) int64: 0 padding, else the token's position step (position_steps_part)
     ckpt_step: int  # the device's last checkpointed step: replies up to it can be dropped
 
 
@@ -261,17 +261,40 @@ def train_request_frame(codes: Part, labels: np.ndarray, attention_mask: np.ndar
     mask would cost 8 bytes a token, as much as 32 two-bit codes."""
     labels, mask = np.asarray(labels), np.asarray(attention_mask)
     answer = labels != IGNORE_LABEL
-    parts = [codes, codes_part(mask.astype(np.uint8), 2), codes_part(answer.astype(np.uint8), 2),
-             array_part(labels[answer].astype(np.int32)), json_part({"ckpt_step": int(ckpt_step)})]
+    parts = [codes, codes_part((mask > 0).astype(np.uint8), 2), codes_part(answer.astype(np.uint8), 2),
+             array_part(labels[answer].astype(np.int32)), *position_steps_part(mask),
+             json_part({"ckpt_step": int(ckpt_step)})]
     return tensors_frame(FrameKind.TRAIN_REQUEST, parts, **fields)
+
+
+def position_steps_part(mask: np.ndarray) -> list[Part]:
+    """[] for a 0/1 mask; else [the (B, T) INT32 position steps]: a reduced image whose
+    kept tokens keep their original positions (models.split.position_mask). 4 bytes a
+    token, about 1.5% of a row's 2-bit codes at a real model's width."""
+    mask = np.asarray(mask)
+    return [array_part(mask.astype(np.int32))] if (mask > 1).any() else []
+
+
+def _position_steps(parts: list[Part], mask: np.ndarray, kind: str) -> np.ndarray:
+    """The attention mask with the optional position steps part applied."""
+    if not parts:
+        return mask.astype(np.int64)
+    steps = parts[0]
+    if steps.codec != Codec.INT32 or tuple(steps.shape) != mask.shape:
+        raise ProtocolError(f"{kind} position steps: a {list(mask.shape)} INT32 part")
+    arr = steps.array().astype(np.int64)
+    if ((arr > 0) != mask.astype(bool)).any() or (arr > MAX_IMAGE_SPAN).any():
+        raise ProtocolError(f"{kind} position steps: positive exactly where the attention mask is set, at most "
+                            f"{MAX_IMAGE_SPAN}")
+    return arr
 
 
 def parse_train_request(frame: Frame) -> TrainRequest:
     parts = frame.parts()
-    if len(parts) != 5:
+    if len(parts) not in (5, 6):
         raise ProtocolError(f"TRAIN_REQUEST has 5 parts (codes, attention mask, answer positions, answer ids, "
-                            f"JSON), got {len(parts)}")
-    codes, mask_part, answer_part, ids_part, info_part = parts
+                            f"[position steps,] JSON), got {len(parts)}")
+    codes, mask_part, answer_part, ids_part, *steps_part, info_part = parts
     mask = _bit_map(mask_part, "TRAIN_REQUEST", "attention mask")
     answer = _bit_map(answer_part, "TRAIN_REQUEST", "answer positions").astype(bool)
     if ids_part.codec != Codec.INT32 or len(ids_part.shape) != 1:
@@ -286,7 +309,7 @@ def parse_train_request(frame: Frame) -> TrainRequest:
     ckpt = _ckpt_step(info_part, "TRAIN_REQUEST")
     labels = np.full(mask.shape, IGNORE_LABEL, dtype=np.int64)
     labels[answer] = ids
-    return TrainRequest(codes, labels, mask.astype(np.int64), ckpt)
+    return TrainRequest(codes, labels, _position_steps(steps_part, mask, "TRAIN_REQUEST"), ckpt)
 
 
 def _bit_map(p: Part, kind: str, what: str) -> np.ndarray:
@@ -317,24 +340,25 @@ class TrunkRequest:
     answer ids. The server returns the trunk's hidden states at `positions`."""
 
     codes: Part
-    attention_mask: np.ndarray  # (B, T) int64
+    attention_mask: np.ndarray  # (B, T) int64, as TrainRequest's
     positions: np.ndarray  # (B, T) bool: where the device's head computes the loss
     ckpt_step: int
 
 
 def trunk_request_frame(codes: Part, attention_mask: np.ndarray, positions: np.ndarray, ckpt_step: int,
                         **fields) -> Frame:
-    parts = [codes, codes_part(np.asarray(attention_mask).astype(np.uint8), 2),
-             codes_part(np.asarray(positions).astype(np.uint8), 2), json_part({"ckpt_step": int(ckpt_step)})]
+    mask = np.asarray(attention_mask)
+    parts = [codes, codes_part((mask > 0).astype(np.uint8), 2), codes_part(np.asarray(positions).astype(np.uint8), 2),
+             *position_steps_part(mask), json_part({"ckpt_step": int(ckpt_step)})]
     return tensors_frame(FrameKind.TRUNK_REQUEST, parts, **fields)
 
 
 def parse_trunk_request(frame: Frame) -> TrunkRequest:
     parts = frame.parts()
-    if len(parts) != 4:
-        raise ProtocolError(f"TRUNK_REQUEST has 4 parts (codes, attention mask, output positions, JSON), "
-                            f"got {len(parts)}")
-    codes, mask_part, pos_part, info_part = parts
+    if len(parts) not in (4, 5):
+        raise ProtocolError(f"TRUNK_REQUEST has 4 parts (codes, attention mask, output positions, [position steps,] "
+                            f"JSON), got {len(parts)}")
+    codes, mask_part, pos_part, *steps_part, info_part = parts
     mask = _bit_map(mask_part, "TRUNK_REQUEST", "attention mask")
     positions = _bit_map(pos_part, "TRUNK_REQUEST", "output positions").astype(bool)
     if positions.shape != mask.shape or tuple(codes.shape[:2]) != mask.shape or len(codes.shape) != 3:
@@ -342,7 +366,8 @@ def parse_trunk_request(frame: Frame) -> TrunkRequest:
                             f"output positions {list(positions.shape)}")
     if not positions.any():
         raise ProtocolError("TRUNK_REQUEST: no output position (a batch without an answer token)")
-    return TrunkRequest(codes, mask.astype(np.int64), positions, _ckpt_step(info_part, "TRUNK_REQUEST"))
+    return TrunkRequest(codes, _position_steps(steps_part, mask, "TRUNK_REQUEST"), positions,
+                        _ckpt_step(info_part, "TRUNK_REQUEST"))
 
 
 def hidden_part_of(frame: Frame, kind: FrameKind, rows: int | None = None) -> np.ndarray:

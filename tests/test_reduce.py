@@ -161,6 +161,11 @@ def test_reduced_bundles_verify_and_one_server_answers_every_k(onevision, mosqui
     s = shapes.heldout(1)[0]
     with ServerAgent(engine, cfg), RequestClient(cfg, "pi-reduce") as t:
         answers = {name: DeviceClient(d / name).ask(t, s.image, s.question) for name in runs}
+        again = DeviceClient(d / "divprune")
+        first, second = (again.ask(t, s.image, s.question) for _ in range(2))
+    # the second question names the image by reference, its kept positions sent again: the same answer
+    assert second.image_by_reference and not first.image_by_reference
+    assert second.token_ids == first.token_ids == answers["divprune"].token_ids
     for reducer, k in runs.items():
         model = load_split_model(d / "model", reduction=ImageReduction(reducer, k))
         batch = Collator(load_prompts(d / "model", model), image_spec_of(model))([world_example(s)], with_answer=False)

@@ -239,3 +239,30 @@ def test_merged_result_exports(model_dir, tmp_path):
                                   "--device-state", str(tmp_path / "state"), "--device-id", "dev0",
                                   "--out", str(tmp_path / "m2")])
     assert r.exit_code != 0 and "no server checkpoint" in r.output
+
+
+def test_a_reduced_image_trains_split_at_its_original_positions(model_dir):
+    """The kept image tokens' position steps go up with the codes (an INT32 part), and the
+    server's loss is the one the same batch has in one process: not the one it would have
+    at consecutive positions."""
+    from edgeqtl.models.reduce import ImageReduction
+    from edgeqtl.models.steps import server_step
+    from edgeqtl.wire import parse_train_request
+
+    cfg = dataclasses.replace(CFG, steps=1)
+    keep = ImageReduction("random", 2, seed=1)
+    server_model = load_split_model(model_dir)
+    fp = bytes.fromhex(fingerprint(server_model))[:16]
+    server = TrainingService(server_model, cfg, num_devices=1, fingerprint=fp)
+    model = load_split_model(model_dir, reduction=keep)
+    dev = DeviceTrainer(model, ShapesShard(model, shapes.build_tokenizer(), cfg, 0, 1, None), cfg, "dev0",
+                        fingerprint=fp)
+    frame, out, batch = dev.request(1)
+    steps = parse_train_request(frame).attention_mask
+    assert steps.max() > 1 and np.array_equal(steps, out.attention_mask.numpy())
+    loss = dev.apply(1, out, LocalLink(server).request(frame))["loss"]
+    ref = load_split_model(model_dir, reduction=keep)
+    wire = ref.client(batch.input_ids, batch.attention_mask, batch.pixel_values).wire
+    at = lambda mask: float(server_step(ref.server, ref.server.receive(wire), batch.labels, mask).loss)  # noqa: E731
+    assert loss == pytest.approx(at(out.attention_mask), rel=1e-4)
+    assert abs(at(batch.attention_mask) - loss) > 1e-3  # consecutive positions give another loss

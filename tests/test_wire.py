@@ -236,6 +236,25 @@ def test_tensors_frame_with_a_lying_part_is_rejected_even_with_a_good_crc():
         decode_frame(body + struct.pack("<I", zlib.crc32(body)))
 
 
+def test_train_request_carries_position_steps_only_when_there_are_any():
+    from edgeqtl.wire import IGNORE_LABEL, array_part, codes_part, parse_train_request, tensors_frame, train_request_frame
+
+    codes = np.zeros((1, 6, 8), np.uint8)
+    labels = np.array([[IGNORE_LABEL] * 5 + [3]])
+    plain = train_request_frame(codes_part(codes, 4), labels, np.array([[0, 1, 1, 1, 1, 1]]), 0, request_id=bytes(16),
+                                fingerprint=FP, step=1)
+    steps = np.array([[0, 1, 3, 2, 5, 1]])  # two image tokens kept at gaps of 3 and 2, then 4 dropped
+    placed = train_request_frame(codes_part(codes, 4), labels, steps, 0, request_id=bytes(16), fingerprint=FP, step=1)
+    assert len(plain.parts()) == 5 and len(placed.parts()) == 6
+    assert np.array_equal(parse_train_request(decode_frame(encode_frame(placed))).attention_mask, steps)
+    parts = placed.parts()
+    for bad in (np.array([[1, 1, 3, 2, 5, 1]]), np.array([[0, 1, 3, 0, 5, 1]])):  # not where the mask is set
+        lie = tensors_frame(FrameKind.TRAIN_REQUEST, [*parts[:4], array_part(bad.astype(np.int32)), parts[5]],
+                            request_id=bytes(16), fingerprint=FP, step=1)
+        with pytest.raises(ProtocolError, match="position steps"):
+            parse_train_request(decode_frame(encode_frame(lie)))
+
+
 def test_train_request_carries_sparse_labels_and_rejects_lies():
     from edgeqtl.wire import (IGNORE_LABEL, array_part, codes_part, json_part, parse_train_request, tensors_frame,
                               train_request_frame)
