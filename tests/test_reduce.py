@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from edgeqtl import shapes
 from edgeqtl.models.reduce import ImageReduction, TokenReducer, divprune, pool_centres, visionzip
 from edgeqtl.models.split import SplitConfig, UnsupportedModelError, position_ids_from_mask, position_mask
-from edgeqtl.wire import ImageRef, InferOptions, ProtocolError
+from edgeqtl.wire import FrameKind, ImageRef, InferOptions, ProtocolError, new_request_id
 
 NEVER = 10 ** 9
 
@@ -163,6 +163,13 @@ def test_reduced_bundles_verify_and_one_server_answers_every_k(onevision, mosqui
         answers = {name: DeviceClient(d / name).ask(t, s.image, s.question) for name in runs}
         again = DeviceClient(d / "divprune")
         first, second = (again.ask(t, s.image, s.question) for _ in range(2))
+    # one prefill batch of prompts of different lengths (left-padded), each with its own kept positions,
+    # answers each as it is answered alone
+    qs = shapes.heldout(2)[:4]
+    frames = lambda: [DeviceClient(d / name).request_frame(q.image, q.question) for name, q in zip(runs, qs)]  # noqa: E731
+    assert len({len(q.question.split()) for q in qs}) > 1
+    together, alone = engine.handle_batch(frames()), [engine.handle(f) for f in frames()]
+    assert [f.json()["token_ids"] for f in together] == [f.json()["token_ids"] for f in alone]
     # the second question names the image by reference, its kept positions sent again: the same answer
     assert second.image_by_reference and not first.image_by_reference
     assert second.token_ids == first.token_ids == answers["divprune"].token_ids
@@ -226,3 +233,30 @@ def test_a_reduced_bundle_at_cut_2_decodes_with_the_kept_positions(tmp_path, mos
             answer = client.ask(t, s.image, s.question)
             expected = generate(model, collate([world_example(s)], with_answer=False), 4, {NEVER})[0]
             assert answer.token_ids == expected and answer.round_trips == 4
+    # two sessions' decode steps in one pass (their caches and position steps padded together) give what
+    # each gives alone: the same tokens, and the same logits at every step
+    qs = shapes.heldout(2)[4:6]
+    logits, plain = [], engine._logits
+    engine._logits = lambda *a: logits.append(plain(*a)) or logits[-1]
+
+    def tokens(batched: bool) -> list[list[int]]:
+        started = [client._encode(q.image, q.question) for q in qs]
+        rids = [new_request_id() for _ in qs]
+        frames = [client.prompt_request(w, ids, InferOptions(), rid, kept=kept)[0]
+                  for (w, ids, _, _, kept), rid in zip(started, rids)]
+        state = [[m, past] for _, _, m, past, _ in started]
+        out = [[] for _ in qs]
+        for step in range(3):
+            replies = engine.handle_batch(frames) if batched else [engine.handle(f) for f in frames]
+            frames = []
+            for i, reply in enumerate(replies):
+                tok = reply.json()["token_id"]
+                out[i].append(tok)
+                wire, state[i][0], state[i][1] = client.encode_token(tok, *state[i])
+                frames.append(client.frame(FrameKind.DECODE_STEP, wire, rids[i], step + 1))
+        return out
+
+    together = tokens(batched=True)
+    batched_logits, logits[:] = torch.cat(logits), []
+    assert together == tokens(batched=False)
+    assert torch.allclose(batched_logits, torch.cat(logits), atol=1e-4)
