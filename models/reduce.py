@@ -174,8 +174,7 @@ class TokenReducer(nn.Module):
             keep = self.keep.unsqueeze(0).expand(b, -1)
             out = x[:, self.keep]
         elif reducer == "pool":
-            n, h = x.shape[1], x.shape[2]
-            grid = x.transpose(1, 2).reshape(b, h, self.grid, self.grid)
+            grid = x.transpose(1, 2).reshape(b, x.shape[2], self.grid, self.grid)
             out = F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
             keep = pool_centres(self.grid, self.side, x.device).unsqueeze(0).expand(b, -1)
         elif reducer == "divprune":

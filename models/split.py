@@ -238,17 +238,20 @@ class ClientHalf(nn.Module):
             attention_mask = position_mask(attention_mask, is_image, positions, self.reducer.span)
         return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions)
 
+    def _through_layers(self, input_ids, attention_mask, pixel_values, cache) -> tuple[torch.Tensor, Embedded]:
+        e = self.embed(input_ids, pixel_values, attention_mask)
+        return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e
+
     def hidden_and_mask(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
         """-> (hidden states at the cut, the mask the server half takes with them)."""
-        e = self.embed(input_ids, pixel_values, attention_mask)
-        return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e.attention_mask
+        h, e = self._through_layers(input_ids, attention_mask, pixel_values, cache)
+        return h, e.attention_mask
 
     def hidden(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
         return self.hidden_and_mask(input_ids, attention_mask, pixel_values, cache)[0]
 
     def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
-        e = self.embed(input_ids, pixel_values, attention_mask)
-        h = run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache)
+        h, e = self._through_layers(input_ids, attention_mask, pixel_values, cache)
         return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions)
 
     def image_wire(self, pixel_values) -> ClientOutput:
