@@ -5,6 +5,7 @@ side by side.
 
     python benchmarks/image_tokens.py                                  # interleave-0.5b, cut 0, K = 64
     python benchmarks/image_tokens.py --scale 0.1 --configs none,divprune:64,pool:16   # minutes
+    python benchmarks/image_tokens.py --cut 2 --configs none,divprune:64,fastv:64      # FastV prunes at the cut
 
 Steps:
   1. the checkpoint from the published config (`edgeqtl zoo`), or --checkpoint;
@@ -103,7 +104,10 @@ def measure(bundle: Path, new_tokens: int, repeats: int) -> dict:
             packed = DeviceClient(bundle, reuse_images=False, entropy=False).ask(t, image, QUESTIONS[0], timeout=600)
     m = client.manifest
     del client, engine
-    return {**device_process(bundle, repeats), "bundle": bundle.name, "image_tokens": m.text.image_token_count,
+    red = m.image_reduction or {}
+    # FastV's prompt holds every image token and its frame K of them (+ OneVision's newline, not counted here)
+    sent = red["tokens"] if red.get("reducer") == "fastv" else m.text.image_token_count
+    return {**device_process(bundle, repeats), "bundle": bundle.name, "image_tokens": sent,
             "reducer": (m.image_reduction or {}).get("reducer", "none"),
             "bytes_up": int(np.median([a.bytes_up for a in answers])), "bytes_up_packed": packed.bytes_up,
             "bytes_up_fp16": answers[0].bytes_up_fp16,

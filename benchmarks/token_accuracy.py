@@ -38,10 +38,11 @@ import torch
 
 
 
-def train_tiny_variant(out: Path, patch_size: int, steps: int) -> None:
+def train_tiny_variant(out: Path, patch_size: int, steps: int, cut: int = 0) -> None:
     """The tiny preset with smaller patches (16 px: 16 image tokens, 4 per cell of the
-    shapes world), trained from scratch with the tiny recipe at 2 bits, cut 0: a model
-    with enough image tokens to reduce that trains in well under an hour on 2 cores."""
+    shapes world), trained from scratch with the tiny recipe at 2 bits, at `cut` (0; 2 for
+    FastV, which prunes with the device's own layers): a model with enough image tokens
+    to reduce that trains in well under an hour on 2 cores."""
     import dataclasses
 
     from edgeqtl import shapes
@@ -50,9 +51,9 @@ def train_tiny_variant(out: Path, patch_size: int, steps: int) -> None:
     from edgeqtl.models.split import SplitConfig, SplitModel
 
     preset = dataclasses.replace(PRESETS["tiny"], patch_size=patch_size)
-    model = SplitModel(build_preset(preset, 0), SplitConfig(cut=0, levels=4))
+    model = SplitModel(build_preset(preset, 0), SplitConfig(cut=cut, levels=4))
     print(f"training the tiny preset with {patch_size} px patches ({preset.num_image_tokens} image tokens), "
-          f"{steps} steps -> {out}", flush=True)
+          f"{steps} steps at cut {cut} -> {out}", flush=True)
     t0 = time.perf_counter()
     train_world(model, preset.train_config(steps=steps), out, print, progress=False, world=shapes)
     print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -112,7 +113,10 @@ def adapt_quantizer(model, prompts, world, steps: int, lr: float, batch_size: in
     return time.perf_counter() - t0
 
 
-def fit_entropy(model, prompts, world, n: int = 256, image_only: bool = True):
+def fit_entropy(model, prompts, world, n: int = 256, image_only: bool | None = None):
+    """image_only (default: at cut 0): the image positions alone, what goes as codes with
+    prompt ids; at cut > 0 every position goes as codes."""
+    image_only = model.split.cut == 0 if image_only is None else image_only
     from edgeqtl.export.calibration import world_samples
     from edgeqtl.models.batches import image_spec_of
     from edgeqtl.models.rate import fit_image_entropy
@@ -121,11 +125,12 @@ def fit_entropy(model, prompts, world, n: int = 256, image_only: bool = True):
                              image_only)
 
 
-def frame_bytes(model, prompts, world, questions: int, entropy, prompt_ids: bool = True) -> dict:
+def frame_bytes(model, prompts, world, questions: int, entropy, prompt_ids: bool | None = None) -> dict:
     from edgeqtl.export.calibration import world_samples
     from edgeqtl.models.batches import image_spec_of
     from edgeqtl.models.rate import question_bytes
 
+    prompt_ids = model.split.cut == 0 if prompt_ids is None else prompt_ids
     row = question_bytes(model, world_samples(questions, heldout=True, world=world), prompts, image_spec_of(model),
                          prompt_ids, entropy)
     return {"packed": row.packed, "rans": row.rans, "fp16_all_tokens": row.fp16, "positions": row.positions,
@@ -136,13 +141,16 @@ def payload_bits(model, prompts, world, questions: int, entropy) -> float:
     """rANS bits per code element at the image positions (the payload alone)."""
     from edgeqtl.codec import encode_codes_entropy
     from edgeqtl.models.batches import image_spec_of
-    from edgeqtl.export.calibration import batches, client_codes, world_samples
+    from edgeqtl.export.calibration import batches, world_samples
+    from edgeqtl.models.split import kept_rows
 
     bits = elems = 0
     for inputs in batches(world_samples(questions, heldout=True, world=world), prompts, image_spec_of(model), 16):
-        codes = client_codes(model, inputs)
-        for row, ids in zip(codes, inputs.input_ids):
-            c = np.ascontiguousarray(row[ids == prompts.image_token_id][None])
+        ids = torch.from_numpy(inputs.input_ids)
+        with torch.inference_mode():
+            out = model.client(ids, torch.from_numpy(inputs.attention_mask), torch.from_numpy(inputs.pixel_values))
+        for row, sent in zip(out.wire.numpy(), kept_rows(ids, out.rows).numpy()):  # FastV sends K image rows
+            c = np.ascontiguousarray(row[sent == prompts.image_token_id][None])
             bits += 8 * len(encode_codes_entropy(c, model.split.levels, entropy))
             elems += c.size
     return bits / elems
@@ -151,7 +159,8 @@ def payload_bits(model, prompts, world, questions: int, entropy) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="A split model trained with every image token.")
-    ap.add_argument("--reducers", default="divprune,attention,pool,random")
+    ap.add_argument("--reducers", default="divprune,attention,pool,random",
+                    help="Add fastv for a model at cut 1 or more (--train-cut 2).")
     ap.add_argument("--fractions", default="0.5,0.25,0.125,0.0625")
     ap.add_argument("--per-family", type=int, default=100, help="Held-out questions per family.")
     ap.add_argument("--adapt-steps", type=int, default=100, help="0: training-free only.")
@@ -164,6 +173,7 @@ def main() -> None:
                     help="First train the tiny preset with this patch size (16: 16 image tokens) into --model, "
                          "unless it is there.")
     ap.add_argument("--train-steps", type=int, default=2000)
+    ap.add_argument("--train-cut", type=int, default=0, help="The cut of the model --train-patch trains (2: FastV).")
     ap.add_argument("--consecutive-positions", action="store_true",
                     help="Also evaluate each reducer training-free with the kept tokens at consecutive positions "
                          "(the other convention, models/reduce.py; bundles from before the field use it).")
@@ -171,7 +181,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_patch and not (args.model / "config.json").is_file():
-        train_tiny_variant(args.model, args.train_patch, args.train_steps)
+        train_tiny_variant(args.model, args.train_patch, args.train_steps, args.train_cut)
     out_json = args.json or args.model / "token_accuracy.json"
 
     base_model, base_prompts, world = load(args.model)
@@ -188,9 +198,10 @@ def main() -> None:
                                                                               args.per_family),
             "bytes": frame_bytes(base_model, base_prompts, world, args.byte_questions, entropy),
             "bits_per_code": round(payload_bits(base_model, base_prompts, world, 128, entropy), 4)}
-    codes_all = fit_entropy(base_model, base_prompts, world, image_only=False)
-    base["bytes_prompt_as_codes"] = frame_bytes(base_model, base_prompts, world, args.byte_questions, codes_all,
-                                                prompt_ids=False)
+    if base_model.split.cut == 0:  # at cut > 0 the prompt goes as codes anyway
+        codes_all = fit_entropy(base_model, base_prompts, world, image_only=False)
+        base["bytes_prompt_as_codes"] = frame_bytes(base_model, base_prompts, world, args.byte_questions, codes_all,
+                                                    prompt_ids=False)
     emit(base)
     for reducer in args.reducers.split(","):
         for frac in (float(f) for f in args.fractions.split(",")):
@@ -236,10 +247,11 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['reducer']} | {r['tokens']} | {r['stage']} | {r['accuracy']:.2f} | "
               + " | ".join(f"{r['per_family'].get(f, float('nan')):.1f}" for f in fams)
               + f" | {b['packed']:,.0f} | {b['rans']:,.0f} | {100 * (1 - b['rans'] / fp16):.2f}% less |")
-    pc = base["bytes_prompt_as_codes"]
-    print(f"\nprompt as codes (--prompt-codes), every token: packed {pc['packed']:,.0f} B, rANS {pc['rans']:,.0f} B "
-          f"({pc['positions']:.0f} positions) against prompt ids: packed {base['bytes']['packed']:,.0f} B, "
-          f"rANS {base['bytes']['rans']:,.0f} B")
+    pc = base.get("bytes_prompt_as_codes")
+    if pc:
+        print(f"\nprompt as codes (--prompt-codes), every token: packed {pc['packed']:,.0f} B, rANS {pc['rans']:,.0f} B "
+              f"({pc['positions']:.0f} positions) against prompt ids: packed {base['bytes']['packed']:,.0f} B, "
+              f"rANS {base['bytes']['rans']:,.0f} B")
     print(f"rANS payload of the trained model: {base['bits_per_code']:.3f} bits a code element")
 
 

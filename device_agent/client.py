@@ -154,6 +154,8 @@ class DeviceClient:
         if span is None or not (self.reuse_images or kept is not None):
             return infer_request_frame(self.part(wire), options, prompt_ids, **fields), None, False
         at, n = span
+        if kept is not None:  # FastV sends K of the prompt's N image rows (the tower reducers' prompts hold K)
+            n = len(kept)
         image = wire[0] if m.prompt_ids else wire[0, at:at + n]
         digest = image_digest(image)
         placed = {} if kept is None else {"span": int(m.image_reduction["span"]), "kept": tuple(int(i) for i in kept)}

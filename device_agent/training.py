@@ -28,6 +28,7 @@ from edgeqtl.wire import (Frame, FrameKind, array_part, codes_part, encode_frame
                           train_request_frame, trunk_request_frame)
 from edgeqtl.errors import RemoteError
 from edgeqtl.models.checkpoint import device_state_name, load_optimizer, load_state, optimizer_tensors, save_state
+from edgeqtl.models.split import kept_rows
 from edgeqtl.models.steps import SplitTrainConfig, adamw, client_backward, head_step, lr_at
 from edgeqtl.models.training import ShapesCollator, image_spec_of, max_objects_at
 
@@ -119,6 +120,8 @@ class DeviceTrainer:
         the update needs."""
         batch = self.batches(step - 1)
         out = self.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+        if out.rows is not None:  # FastV sent fewer rows than the prompt's: their labels
+            batch = dataclasses.replace(batch, labels=kept_rows(batch.labels, out.rows))
         if self.model.split.quantizer == "fsq":
             wire = codes_part(out.wire.numpy(), self.model.split.levels)
         else:

@@ -1,8 +1,8 @@
 """The client half as exportable graphs with explicit tensor inputs and outputs.
 
     prefill:  pixel_values, input_ids, attention_mask
-              -> codes [, position_mask, image_positions] [, present_key_i, present_value_i
-                 for each client layer]
+              -> codes [, position_mask, image_positions | image_positions, server_mask]
+                 [, present_key_i, present_value_i for each client layer]
     decode:   input_ids (B, 1), attention_mask (B, P + 1), past_key_i, past_value_i ...
               -> codes (B, 1, D), present_key_i, present_value_i ...   (cut > 0 only)
     image:    pixel_values -> codes (B, N image tokens, D) [, image_positions (B, N)]
@@ -16,7 +16,11 @@ decode graph as plain tensors (B, kv_heads, P, head_dim), so ONNX Runtime needs 
 cache object. A token reducer that keeps original positions (models/reduce.py) adds
 image_positions, the kept tokens' positions within the image, which the device sends
 with the image (wire.ImageRef), and position_mask, the attention mask with their position
-steps, which the device's decode steps extend instead of its own.
+steps, which the device's decode steps extend instead of its own. FastV (a reducer at
+the cut) adds image_positions and server_mask instead: the device's layers saw every
+token, so its decode steps extend its own mask, while the codes hold K image tokens and
+server_mask is the mask the server builds for them from the frame (export's check
+uses it; the device does not).
 """
 from __future__ import annotations
 
@@ -35,6 +39,13 @@ def keeps_positions(client: ClientHalf) -> bool:
     return client.reducer is not None and client.reducer.spec.positions == "original"
 
 
+def positional_outputs(client: ClientHalf) -> list[str]:
+    """The prefill graph's outputs between the codes and the KV cache (see the docstring)."""
+    if not keeps_positions(client):
+        return []
+    return ["image_positions", "server_mask"] if client.reducer.spec.at_cut else ["position_mask", "image_positions"]
+
+
 class PrefillGraph(nn.Module):
     def __init__(self, client: ClientHalf):
         super().__init__()
@@ -44,7 +55,9 @@ class PrefillGraph(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask):
         cache = KVCache() if self.cut else None
         out = self.client(input_ids, attention_mask, pixel_values, cache)
-        positional = (out.attention_mask, out.image_positions) if keeps_positions(self.client) else ()
+        named = {"position_mask": out.device_mask, "image_positions": out.image_positions,
+                 "server_mask": out.attention_mask}
+        positional = tuple(named[n] for n in positional_outputs(self.client))
         if not self.cut and not positional:
             return out.wire
         return (out.wire, *positional, *[t for i in range(self.cut) for t in cache.kv[i]])
@@ -98,8 +111,7 @@ def export_prefill(client: ClientHalf, path, example, opset: int = 18,
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=8192)
     inputs = ["pixel_values", "input_ids", "attention_mask"]
-    outputs = ["codes", *(["position_mask", "image_positions"] if keeps_positions(client) else []),
-               *cache_names(cut, "present")]
+    outputs = ["codes", *positional_outputs(client), *cache_names(cut, "present")]
     torch.onnx.export(graph, example, str(path), dynamo=True, opset_version=opset, input_names=inputs,
                       output_names=outputs, external_data=external_data, verbose=False,
                       dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch, 1: seq},

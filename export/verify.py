@@ -125,7 +125,7 @@ def reference(model, samples, prompts, image, batch_size: int, progress=None) ->
         first = ref.inputs[0]
         cache = KVCache()
         mask = model.client(torch.from_numpy(first.input_ids), torch.from_numpy(first.attention_mask),
-                            torch.from_numpy(first.pixel_values), cache).attention_mask
+                            torch.from_numpy(first.pixel_values), cache).device_mask  # what the decode steps extend
         rng = np.random.default_rng(0)
         for _ in range(DECODE_TOKENS):
             tok = rng.integers(0, prompts.tok.get_vocab_size(), size=(len(first.answers), 1)).astype(np.int64)
@@ -169,7 +169,7 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
     for g in [g for g in manifest.graphs if g.role == "prefill"]:
         sess = open_session(bundle_dir / g.file, "cpu", threads)
         agree, hits = [], []
-        for x, codes, answers in zip(ref.inputs, ref.codes, ref.answer_ids):
+        for x, codes, ref_mask, answers in zip(ref.inputs, ref.codes, ref.masks, ref.answer_ids):
             mask = x.attention_mask  # the mask the server takes: with the graph's own position steps
             names = [o.name for o in sess.get_outputs()]
             if manifest.prompt_ids:  # the image positions' codes; the text positions are the server's lookup
@@ -183,12 +183,10 @@ def verify_graphs(bundle_dir, manifest, ref: Reference, predict=None, gate_accur
                                          torch.from_numpy(positions), manifest.image_reduction["span"]).numpy()
             else:
                 feeds = {"pixel_values": x.pixel_values, "input_ids": x.input_ids, "attention_mask": mask}
-                if "position_mask" in names:
-                    out, mask = sess.run(["codes", "position_mask"], feeds)
-                else:
-                    out = sess.run(["codes"], feeds)[0]
-                agree.append(_agree(out, codes, np.broadcast_to(x.attention_mask.astype(bool)[..., None],
-                                                                codes.shape)))
+                steps = [n for n in ("server_mask", "position_mask") if n in names][:1]  # FastV's: server_mask
+                out, *given = sess.run(["codes", *steps], feeds)
+                mask = given[0] if given else mask
+                agree.append(_agree(out, codes, np.broadcast_to((ref_mask > 0)[..., None], codes.shape)))
             if has_answers:
                 hits.append((predict(out, x.input_ids, mask) == answers)[answers >= 0])
         exact, near = np.mean(agree, axis=0).tolist()

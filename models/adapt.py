@@ -43,7 +43,7 @@ from .batches import Batch, Collator, Example
 from .checkpoint import save_checkpoint
 from .generate import generate
 from .quantizer import commitment_loss, dequantise
-from .split import SplitModel
+from .split import SplitModel, kept_rows
 from .steps import adamw, lr_at
 
 TRAINABLE = ("quantizer", "projector", "lora")
@@ -113,10 +113,11 @@ def _key(ex: Example) -> str:
     return getattr(ex.source, "id", None) or str(id(ex.source))
 
 
-def quantized_positions(model: SplitModel, batch: Batch) -> torch.Tensor:
+def quantized_positions(model: SplitModel, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) bool: the positions whose hidden states the trunk gets through the codes
-    (under `exact_text`, the image positions alone)."""
-    keep = batch.attention_mask.bool()
+    (under `exact_text`, the image positions alone); rows: those the client sent
+    (FastV, which needs cut > 0 and so never has exact_text)."""
+    keep = kept_rows(batch.attention_mask, rows).bool()
     if model.split.exact_text:
         keep = keep & (batch.input_ids == model.client.image_token_id)
     return keep
@@ -134,9 +135,9 @@ def warm_start(model: SplitModel, batch: Batch) -> None:
     if enc.in_proj.in_features == enc.in_proj.out_features:
         enc.in_proj.weight.copy_(torch.eye(enc.in_proj.in_features))
         enc.in_proj.bias.zero_()
-    h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    h, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values)
     codes, _ = enc(h)
-    keep = quantized_positions(model, batch)
+    keep = quantized_positions(model, batch, e.rows)
     z = dequantise(codes, model.split.levels)[keep]
     z1 = torch.cat([z, torch.ones(len(z), 1)], dim=1)
     sol = torch.linalg.lstsq(z1.double(), h[keep].double()).solution.float()  # (code_dim + 1, hidden)
@@ -193,22 +194,23 @@ class Adapter:
         with self.as_teacher():
             examples = self.teacher.complete(examples)
         batch = self.collate(examples)
-        pos, valid, targets = answer_positions(batch.labels)
-        mask = batch.attention_mask
         with torch.no_grad(), self._autocast(), self.as_teacher():
-            h_teacher, mask = model.client.hidden_and_mask(batch.input_ids, mask, batch.pixel_values)
+            h_teacher, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values)
+            # the rows sent: under FastV fewer than the prompt's, so the answer positions move
+            pos, valid, targets = answer_positions(kept_rows(batch.labels, e.rows))
+            mask = e.attention_mask
             t_logits = model.server.forward_hidden(h_teacher, mask, positions=pos).float()
         with self._autocast():
             if self.teacher_projector is None:
                 h = h_teacher
-            else:
-                h = model.client.hidden(batch.input_ids, mask, batch.pixel_values)
+            else:  # (a reducer may choose other tokens from the trained projector's features)
+                h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
             codes, n = model.client.encoder(h)
             values = n + (dequantise(codes, model.split.levels, n.dtype) - n).detach()  # straight through
             h_hat = model.server.with_exact_text(model.server.decoder_q(values), h,
                                                  batch.input_ids == model.client.image_token_id)
             s_logits = model.server.forward_hidden(h_hat, mask, positions=pos, checkpointing=cfg.checkpointing).float()
-        keep = quantized_positions(model, batch)
+        keep = quantized_positions(model, batch, e.rows)
         target = h_teacher[keep].float()
         recon = F.mse_loss(h_hat[keep].float(), target) / target.var().clamp(min=1e-8)
         T = cfg.temperature

@@ -18,10 +18,11 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
              quantized: bool = True) -> list[list[int]]:
     """Each row's generated token ids, up to and without the first end-of-sequence id."""
     c_cache, s_cache = KVCache(), KVCache()
-    mask = batch.attention_mask
-    logits, mask = model.next_logits(batch.input_ids, mask, batch.pixel_values, c_cache, s_cache, quantized,
-                                     with_mask=True)
-    rows = [[] for _ in range(mask.shape[0])]
+    # each half extends its own mask: the server's has the image's position steps, and
+    # under FastV fewer image tokens than the device's layers saw
+    logits, c_mask, s_mask = model.next_logits(batch.input_ids, batch.attention_mask, batch.pixel_values, c_cache,
+                                               s_cache, quantized, with_mask=True)
+    rows = [[] for _ in range(logits.shape[0])]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
         tokens = logits.argmax(-1)
@@ -33,7 +34,7 @@ def generate(model: SplitModel, batch: Batch, max_new_tokens: int, eos_ids: set[
                     rows[r].append(t)
         if all(done):
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model.next_logits(tokens.unsqueeze(1), mask, None, c_cache, s_cache, quantized)
+        c_mask, s_mask = (torch.cat([m, m.new_ones(m.shape[0], 1)], dim=1) for m in (c_mask, s_mask))
+        logits = model.next_logits(tokens.unsqueeze(1), c_mask, None, c_cache, s_cache, quantized, server_mask=s_mask)
     return rows
 

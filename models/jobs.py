@@ -87,12 +87,16 @@ def eval_world(model: SplitModel, prompts: PromptEncoder, per_family: int, world
 # --------------------------------------------------------------------------- training jobs
 
 
-def train_world(model: SplitModel, cfg, out: Path, echo: Echo, progress: bool = True, world=shapes):
+def train_world(model: SplitModel, cfg, out: Path, echo: Echo, progress: bool = True, world=shapes,
+                check: bool = True):
+    """check: a quick held-out figure at the end (the bench, which measures its own, skips it)."""
     from .sources import WorldSource
     from .training import train
 
     source = WorldSource.for_model(model, cfg, world)
     train(model, source, cfg, out_dir=out, progress=progress, log=echo)
+    if not check:
+        return
     report = eval_world(model, source.collate.prompts, 100, world)
     echo(report.table("quick held-out check (100 per family; `edgeqtl eval` runs the full set):"))
 

@@ -243,7 +243,8 @@ def question_bytes(model, samples, prompts, image, prompt_ids: bool, entropy) ->
         out = model.client(torch.from_numpy(inputs.input_ids), torch.from_numpy(inputs.attention_mask),
                            torch.from_numpy(inputs.pixel_values))
         codes, ids = out.wire.numpy(), inputs.input_ids[0]
-        where = np.flatnonzero(ids == prompts.image_token_id)
+        sent = ids if out.rows is None else ids[out.rows[0].numpy()]  # FastV sends K of the prompt's image rows
+        where = np.flatnonzero(sent == prompts.image_token_id)
         if prompt_ids:
             codes = codes[:, where]
         codes = np.ascontiguousarray(codes)
@@ -262,7 +263,7 @@ def question_bytes(model, samples, prompts, image, prompt_ids: bool, entropy) ->
         fp16.append(len(wire.encode_frame(wire.array_frame(wire.FrameKind.INFER_REQUEST, hidden, **FRAME_FIELDS))))
         positions.append(codes.shape[1])
     spec = model.image_reduction
-    return TokenBytesRow(spec.reducer if spec else "none", model.num_image_tokens, float(np.mean(positions)),
+    return TokenBytesRow(spec.reducer if spec else "none", model.sent_image_tokens, float(np.mean(positions)),
                          float(np.mean(packed)), float(np.mean(rans)), float(np.mean(fp16)))
 
 

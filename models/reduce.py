@@ -7,6 +7,9 @@ layers and the server's prefill all shrink by N / K.
                                      a few contextual tokens merged from the rest (VisionZip)
     ImageReduction("pool", 64)       average pooling over the patch grid (8 x 8 of 27 x 27)
     ImageReduction("random", 64)     a seeded choice: the control
+    ImageReduction("fastv", 64)      at cut >= 1: every token goes through the device's
+                                     layers, then the K image tokens the prompt's last token
+                                     attends to most in the last of them go on (FastV)
 
 Kept tokens stay in their original order (pooling keeps the grid's). Positions follow
 one of two conventions (ImageReduction.positions):
@@ -22,6 +25,11 @@ one of two conventions (ImageReduction.positions):
 - `consecutive`: the prompt simply holds K image tokens, at consecutive positions (the
   convention of VisionZip and DivPrune in LLaVA). Bundles exported before the field
   have it.
+
+The tower reducers (all but fastv) run before the device's layers, so those layers see
+K tokens; fastv runs after them (TokenReducer.at_cut), so the device's layers, and its
+KV cache, keep all N while the wire and the server's trunk take K. Its positions are
+always original: the device's layers saw each token at its own.
 
 Every reducer exports to ONNX with a dynamic batch (export/graphs.py) and is covered by
 export's ONNX-against-PyTorch check.
@@ -39,7 +47,7 @@ from torch import nn
 
 from .families.base import UnsupportedModelError
 
-REDUCERS = ("divprune", "attention", "pool", "random")
+REDUCERS = ("divprune", "attention", "pool", "random", "fastv")
 POSITIONS = ("original", "consecutive")
 CONTEXT_FRACTION = 0.125  # VisionZip's share of contextual (merged) tokens: 8 of 64
 
@@ -59,6 +67,14 @@ class ImageReduction:
                                         f"got {self.positions!r}")
         if self.tokens < 1:
             raise UnsupportedModelError(f"--image-tokens must be at least 1, got {self.tokens}")
+        if self.at_cut and self.positions != "original":
+            raise UnsupportedModelError("--reducer fastv keeps the original positions: the device's layers saw "
+                                        "every token at its own")
+
+    @property
+    def at_cut(self) -> bool:
+        """Whether the choice is made after the device's layers (FastV), not before them."""
+        return self.reducer == "fastv"
 
     @property
     def int8_safe(self) -> bool:
@@ -66,7 +82,7 @@ class ImageReduction:
         made from the features flip under int8 rounding: DivPrune's agreed on 77.5% of the
         codes of a random-weight OneVision (85% needed), the attention ranking on 94.4% at
         K = 64 but 84.5% at K = 16; pool and random do not depend on the values (99.0%, 98.6%)."""
-        return self.reducer in ("pool", "random")
+        return self.reducer in ("pool", "random")  # fastv ranks by attention: as `attention` does
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,6 +183,8 @@ class TokenReducer(nn.Module):
             self.register_buffer("keep", keep, persistent=False)
 
     def forward(self, feats: torch.Tensor, attention: torch.Tensor | None = None):
+        if self.spec.at_cut:
+            raise RuntimeError("fastv chooses at the cut (TokenReducer.at_cut), not from the image's features")
         tail = feats[:, feats.shape[1] - self.trailing:] if self.trailing else None
         x = feats[:, : feats.shape[1] - self.trailing] if self.trailing else feats
         b, reducer, original = x.shape[0], self.spec.reducer, self.spec.positions == "original"
@@ -189,6 +207,29 @@ class TokenReducer(nn.Module):
             out = torch.cat([out, tail], dim=1)
             keep = torch.cat([keep, torch.arange(self.full, self.span, device=x.device).unsqueeze(0).expand(b, -1)], 1)
         return out, (keep if original else None)
+
+
+    def at_cut(self, hidden: torch.Tensor, attention_mask: torch.Tensor, is_image: torch.Tensor,
+               received: torch.Tensor):
+        """FastV after the device's layers. hidden (B, T, H) their output, attention_mask
+        (B, T) the mask they used, is_image (B, T) one image of N (+ trailing) tokens per
+        row, received (B, T) the attention the last position paid each token in the last
+        of them. -> (the kept rows (B, T - N + K) of the sequence, ascending; the kept
+        image tokens' positions within the image (B, K + trailing)). The trailing tokens
+        (OneVision's newline) always stay."""
+        t = is_image.shape[1]
+        rank = is_image.long().cumsum(-1) - 1
+        prunable = is_image & (rank < self.full)
+        chosen = received.float().masked_fill(~prunable, float("-inf")).topk(self.k, dim=-1).indices.sort(dim=1).values
+        keep = (~prunable).scatter(1, chosen, True)
+        # kept rows first, each group in order: distinct keys, so no sort stability is needed
+        key = (~keep).long() * t + torch.arange(t, device=keep.device)
+        rows = key.argsort(dim=1)[:, : t - (self.full - self.k)]
+        positions = chosen - is_image.long().argmax(-1, keepdim=True)
+        if self.trailing:
+            tail = torch.arange(self.full, self.span, device=keep.device).unsqueeze(0).expand(len(rows), -1)
+            positions = torch.cat([positions, tail], dim=1)
+        return rows, positions
 
 
 def pool_centres(grid: int, side: int, device=None) -> torch.Tensor:

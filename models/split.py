@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -142,6 +143,42 @@ def position_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, image_po
     return step * attention_mask.long()
 
 
+def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): the attention the last position pays each token in `layer` (mean over its
+    heads), from the layer's input h: FastV's ranking. Computed from the layer's own
+    projections and rotary embedding, since the fused attention kernels return no weights
+    (a test checks it against eager attention's)."""
+    attn = getattr(layer, "self_attn", None)
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim")) or not hasattr(layer, "input_layernorm"):
+        raise UnsupportedModelError(f"--reducer fastv reads the attention of {type(layer).__name__}, which has no "
+                                    "q_proj/k_proj; use a tower reducer (divprune, attention, pool, random)")
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, d)
+    k = attn.k_proj(x).view(b, t, -1, d)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = decoder.rotary_emb(h, position_ids_from_mask(attention_mask, t))
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q = rotate(q, q, cos[:, -1:], sin[:, -1:])[0]
+    k = rotate(k, k, cos, sin)[0]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, "scaling", d ** -0.5)  # (B, heads, T)
+    scores = scores.masked_fill(~attention_mask.bool().unsqueeze(1), float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+def kept_rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """x (B, T, ...) at the rows of the sequence the client sends (ClientOutput.rows: where
+    FastV dropped image tokens at the cut; None: every row)."""
+    if rows is None or x is None:
+        return x
+    idx = rows.view(*rows.shape, *[1] * (x.dim() - 2)).expand(*rows.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
 @functools.lru_cache(maxsize=None)
 def cache_kwarg(layer_type: type) -> str:
     """The name a decoder layer takes its KV cache by: `cache` from transformers 5.24
@@ -183,6 +220,11 @@ class ClientOutput:
     attention_mask: torch.Tensor | None = None
     # (B, K) the kept image tokens' positions within the image (None: consecutive)
     image_positions: torch.Tensor | None = None
+    # the mask the device's own layers used, which its decode steps extend (FastV: every
+    # token's; else the same as attention_mask)
+    device_mask: torch.Tensor | None = None
+    # (B, T') the rows of the input sequence that were sent (FastV; None: all of them)
+    rows: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -190,6 +232,8 @@ class Embedded:
     hidden: torch.Tensor  # (B, T, hidden): the token embeddings, the image's features at its positions
     attention_mask: torch.Tensor | None  # with the image's position steps (position_mask)
     image_positions: torch.Tensor | None = None  # (B, K) the kept image tokens' positions; None: consecutive
+    device_mask: torch.Tensor | None = None  # the device layers' own mask where it differs (FastV)
+    rows: torch.Tensor | None = None  # (B, T') the rows that go on (FastV)
 
 
 class ClientHalf(nn.Module):
@@ -213,7 +257,7 @@ class ClientHalf(nn.Module):
         """((B, N, hidden) what the image positions get: the family's tower and connector,
         then the token reducer where the model has one (N is then K); (B, N) the kept
         tokens' positions within the image, or None where they are consecutive)."""
-        if self.reducer is None:
+        if self.reducer is None or self.reducer.spec.at_cut:
             return self.family.image_features(self, pixel_values), None
         if self.reducer.spec.reducer == "attention":
             return self.reducer(*self.family.image_features_and_attention(self, pixel_values))
@@ -238,21 +282,37 @@ class ClientHalf(nn.Module):
             attention_mask = position_mask(attention_mask, is_image, positions, self.reducer.span)
         return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions)
 
-    def _through_layers(self, input_ids, attention_mask, pixel_values, cache) -> tuple[torch.Tensor, Embedded]:
+    def through_layers(self, input_ids, attention_mask, pixel_values=None,
+                       cache: KVCache | None = None) -> tuple[torch.Tensor, Embedded]:
+        """-> (hidden states at the cut, what goes with them: the mask the server half takes,
+        and under FastV the device's own mask and the rows that go on)."""
         e = self.embed(input_ids, pixel_values, attention_mask)
-        return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e
+        if pixel_values is None or self.reducer is None or not self.reducer.spec.at_cut:
+            return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e
+        # FastV: every token through the device's layers; the last one's attention, from the
+        # last position, chooses the K image tokens that go on
+        h = run_layers(self._decoder, self.layers[:-1], e.hidden, e.attention_mask, cache)
+        received = last_token_attention(self._decoder, self.layers[-1], h, e.attention_mask)
+        h = run_layers(self._decoder, self.layers[-1:], h, e.attention_mask, cache)
+        is_image = input_ids == self.image_token_id
+        rows, positions = self.reducer.at_cut(h, e.attention_mask, is_image, received)
+        sent = position_mask(kept_rows(e.attention_mask, rows), kept_rows(is_image, rows), positions,
+                             self.reducer.span)
+        return kept_rows(h, rows), Embedded(e.hidden, sent, positions, e.attention_mask, rows)
 
     def hidden_and_mask(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
         """-> (hidden states at the cut, the mask the server half takes with them)."""
-        h, e = self._through_layers(input_ids, attention_mask, pixel_values, cache)
+        h, e = self.through_layers(input_ids, attention_mask, pixel_values, cache)
         return h, e.attention_mask
 
     def hidden(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
         return self.hidden_and_mask(input_ids, attention_mask, pixel_values, cache)[0]
 
     def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
-        h, e = self._through_layers(input_ids, attention_mask, pixel_values, cache)
-        return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions)
+        h, e = self.through_layers(input_ids, attention_mask, pixel_values, cache)
+        return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions,
+                                   device_mask=e.attention_mask if e.device_mask is None else e.device_mask,
+                                   rows=e.rows)
 
     def image_wire(self, pixel_values) -> ClientOutput:
         """At cut 0, what the image positions send: the projected image features, quantized
@@ -376,9 +436,15 @@ class SplitModel:
     def num_image_tokens(self) -> int:
         """Image tokens per image: as the family's transformers model counts them, or K
         under a token reduction."""
-        if self.client.reducer is not None:
+        if self.client.reducer is not None and not self.client.reducer.spec.at_cut:
             return self.client.reducer.spec.tokens + self.family.trailing_tokens
-        return self.family.num_image_tokens(self.hf.config)
+        return self.family.num_image_tokens(self.hf.config)  # FastV drops tokens after the prompt's layers
+
+    @property
+    def sent_image_tokens(self) -> int:
+        """Image tokens per image on the wire: num_image_tokens, or K under FastV."""
+        r = self.client.reducer
+        return r.spec.tokens + self.family.trailing_tokens if r is not None else self.num_image_tokens
 
     @property
     def image_reduction(self):
@@ -394,23 +460,30 @@ class SplitModel:
             self.client.reducer = None
             return
         cfg, family = self.hf.config, self.family
+        if spec.at_cut and self.split.cut == 0:
+            raise UnsupportedModelError("--reducer fastv ranks the image tokens with the device's own layers; it "
+                                        "needs --cut 1 or more (at cut 0 use divprune, attention, pool or random)")
         self.client.reducer = TokenReducer(spec, family.num_image_tokens(cfg) - family.trailing_tokens,
                                            family.token_grid(cfg), family.trailing_tokens, family.tower_attention)
 
     def next_logits(self, input_ids, attention_mask, pixel_values=None, client_cache: KVCache | None = None,
-                    server_cache: KVCache | None = None, quantized: bool = True, with_mask: bool = False):
+                    server_cache: KVCache | None = None, quantized: bool = True, with_mask: bool = False,
+                    server_mask: torch.Tensor | None = None):
         """(B, V) the next token's logits after each row, in one process. quantized: through
         the wire, as a deployment answers (under exact_text the text positions keep their
         own embeddings, as the server agent does with prompt ids); else the unsplit model.
-        with_mask: (logits, the mask with the image's position steps), which the next
-        decode steps extend."""
-        h, mask = self.client.hidden_and_mask(input_ids, attention_mask, pixel_values, client_cache)
+        with_mask: (logits, the device's mask, the server's mask), which the next decode
+        steps extend, each on its side: the server's has the image's position steps, and
+        under FastV fewer image tokens. server_mask: the server's on a decode step (None:
+        attention_mask)."""
+        h, e = self.client.through_layers(input_ids, attention_mask, pixel_values, client_cache)
+        mask = e.attention_mask if server_mask is None else server_mask
         if quantized:
             logits = self.server.next_logits(self.client.to_wire(h).wire, mask, server_cache, h,
                                              input_ids == self.client.image_token_id)
         else:
             logits = self.server.forward_hidden(h, mask, server_cache, last_positions(h))[:, -1]
-        return (logits, mask) if with_mask else logits
+        return (logits, e.attention_mask if e.device_mask is None else e.device_mask, mask) if with_mask else logits
 
     def parameters(self):
         yield from self.client.parameters()

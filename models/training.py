@@ -33,7 +33,7 @@ from .batches import Batch, Collator, image_spec_of
 from .checkpoint import save_checkpoint
 from .evaluation import evaluate
 from .quantizer import commitment_loss, dequantise, soft_rate_bits
-from .split import SplitModel, UnsupportedModelError
+from .split import SplitModel, UnsupportedModelError, kept_rows
 from .steps import adamw, client_backward, lr_at, server_step
 
 
@@ -187,10 +187,10 @@ def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_i
     return torch.gather(values, 1, idx.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
-def sent_positions(model: SplitModel, batch: Batch) -> torch.Tensor:
+def sent_positions(model: SplitModel, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) bool: the positions that go up as codes (at cut 0 the image positions alone:
-    the prompt's text goes as ids)."""
-    sent = batch.attention_mask.bool()
+    the prompt's text goes as ids); rows: those the client sent (ClientOutput.rows, FastV)."""
+    sent = kept_rows(batch.attention_mask, rows).bool()
     if model.split.cut == 0:
         sent = sent & (batch.input_ids == model.client.image_token_id)
     return sent
@@ -201,7 +201,9 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     (models.steps): the server sees only the wire tensor and the attention mask, the
     client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
-    step = server_step(model.server, model.server.receive(out.wire), batch.labels, out.attention_mask)
+    # under FastV the wire holds fewer rows than the prompt: the labels of the rows sent
+    step = server_step(model.server, model.server.receive(out.wire), kept_rows(batch.labels, out.rows),
+                       out.attention_mask)
     commit = client_backward(out, step.grad, model.split, commitment, client_aux)
     return {"loss": step.loss, "commit": commit, "per_sample": step.per_sample}
 
@@ -307,7 +309,7 @@ def train(model: SplitModel, source, cfg: TrainConfig, out_dir: str | Path | Non
         def aux(out, batch=batch):
             loss = cfg.probe_weight * probe_loss(out, batch) if cfg.probe_weight > 0 and probe else 0.0
             if cfg.rate_weight > 0 and model.split.quantizer == "fsq":
-                r = soft_rate_bits(out.values[sent_positions(model, batch)], model.split.levels)
+                r = soft_rate_bits(out.values[sent_positions(model, batch, out.rows)], model.split.levels)
                 rate["bits"] = r.item()
                 loss = loss + cfg.rate_weight * r
             return loss

@@ -45,7 +45,8 @@ def trained_model(ctx: BenchContext, levels: int | None, cut: int = 0) -> Path:
     split = SplitConfig(cut=cut, quantizer="fp16") if levels is None else SplitConfig(cut=cut, levels=levels)
     ctx.echo(f"  training the {ctx.preset} preset, {run_name(levels)}, cut {cut}, {cfg.steps} steps -> {d}")
     model = SplitModel(build_preset(spec, 0), split)
-    jobs.train_world(model, cfg, d, lambda line: None, progress=ctx.progress, world=get_world(spec.world))
+    jobs.train_world(model, cfg, d, lambda line: None, progress=ctx.progress, world=get_world(spec.world),
+                     check=False)
     return d
 
 

@@ -11,6 +11,9 @@ import click
 from .common import (UserError, data_options, describe_split, levels_from, set_threads, split_options,
                      threads_option, user_errors)
 
+# models.reduce.REDUCERS, named here so that `--help` needs no torch (a test keeps them equal)
+REDUCER_CHOICES = ["divprune", "attention", "pool", "random", "fastv"]
+
 
 def split_config_from(cut: int | None, bits: int | None, levels: int | None, baseline: bool,
                       clip_sigmas: float | None = None):
@@ -66,7 +69,7 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
 @click.option("--image-tokens", default=None, metavar="K",
               help="Train with K of each image's tokens kept on the device (a count or a fraction such as 0.125); "
                    "the model keeps its reducer, and export uses it.")
-@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default=None,
+@click.option("--reducer", type=click.Choice(REDUCER_CHOICES), default=None,
               help="How --image-tokens chooses (default divprune; `edgeqtl export --help` says what each does).")
 @user_errors
 def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, levels, baseline, steps, vision_steps,
@@ -208,10 +211,11 @@ def evaluate(model_dir, data, image_root, skip_bad, per_family, max_new_tokens, 
               help="Keep K of each image's tokens on the device (a count, or a fraction such as 0.125): fewer bytes "
                    "up, a shorter device and server prefill. Default: the model's own (all, unless it was trained "
                    "with a reducer).")
-@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default=None,
+@click.option("--reducer", type=click.Choice(REDUCER_CHOICES), default=None,
               help="How --image-tokens chooses: divprune (diversity; the default), attention (VisionZip: the "
                    "tokens the tower attends to most, plus merged context), pool (average over the grid), random "
-                   "(seeded: the control).")
+                   "(seeded: the control), fastv (at --cut 1 or more: the tokens the prompt's last token attends "
+                   "to most in the device's last layer; the device's layers still see every token).")
 @click.option("--image-splitting", is_flag=True,
               help="SmolVLM at cut 0: split each image into up to 4 x 4 tiles of 512 px plus a global view, as its "
                    "processor does (64 image tokens each: more detail, more bytes); default: the global view alone.")
@@ -348,7 +352,7 @@ def convert(model_dir, out):
 @click.option("--token-fractions", default="1,0.5,0.25,0.125,0.0625", show_default=True,
               help="Bytes per question against K: these fractions of each image's tokens, at the trained levels "
                    "(empty: skip).")
-@click.option("--reducer", type=click.Choice(["divprune", "attention", "pool", "random"]), default="divprune",
+@click.option("--reducer", type=click.Choice(REDUCER_CHOICES), default="divprune",
               show_default=True, help="How K of the image's tokens are chosen for that table.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
