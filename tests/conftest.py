@@ -2,7 +2,14 @@
 with the shapes benchmark's tokenizer beside them (so that they export and verify)."""
 from __future__ import annotations
 
+import os
 import time
+
+# Under pytest-xdist (the README's `-n 2`) each worker gets one torch thread (and so do
+# the CLI processes the tests start): two workers of two threads on two cores spin
+# against each other. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

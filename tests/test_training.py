@@ -14,7 +14,6 @@ from edgeqtl.models.training import TrainConfig, train
 @pytest.mark.parametrize("split", [SplitConfig(cut=1, levels=4), SplitConfig(cut=0, quantizer="fp16")],
                          ids=["2bit-cut1", "fp16"])
 def test_short_run_learns(split, tmp_path):
-    torch.set_num_threads(2)
     model = SplitModel(build_tiny(0), split)
     cfg = TrainConfig(steps=80, vision_steps=20, batch_size=32, warmup=10, seed=0)
     hist = train(model, WorldSource.for_model(model, cfg), cfg, out_dir=tmp_path, progress=False)
