@@ -38,11 +38,12 @@ import torch
 
 
 
-def train_tiny_variant(out: Path, patch_size: int, steps: int, cut: int = 0) -> None:
+def train_tiny_variant(out: Path, patch_size: int, steps: int, cut: int = 0, exact_text: bool = False) -> None:
     """The tiny preset with smaller patches (16 px: 16 image tokens, 4 per cell of the
     shapes world), trained from scratch with the tiny recipe at 2 bits, at `cut` (0; 2 for
     FastV, which prunes with the device's own layers): a model with enough image tokens
-    to reduce that trains in well under an hour on 2 cores."""
+    to reduce that trains in well under an hour on 2 cores. exact_text: trained with the
+    prompt as ids (the text reaches the trunk as its own embeddings; cut 0)."""
     import dataclasses
 
     from edgeqtl import shapes
@@ -51,7 +52,7 @@ def train_tiny_variant(out: Path, patch_size: int, steps: int, cut: int = 0) -> 
     from edgeqtl.models.split import SplitConfig, SplitModel
 
     preset = dataclasses.replace(PRESETS["tiny"], patch_size=patch_size)
-    model = SplitModel(build_preset(preset, 0), SplitConfig(cut=cut, levels=4))
+    model = SplitModel(build_preset(preset, 0), SplitConfig(cut=cut, levels=4, exact_text=exact_text))
     print(f"training the tiny preset with {patch_size} px patches ({preset.num_image_tokens} image tokens), "
           f"{steps} steps at cut {cut} -> {out}", flush=True)
     t0 = time.perf_counter()
@@ -174,6 +175,9 @@ def main() -> None:
                          "unless it is there.")
     ap.add_argument("--train-steps", type=int, default=2000)
     ap.add_argument("--train-cut", type=int, default=0, help="The cut of the model --train-patch trains (2: FastV).")
+    ap.add_argument("--train-exact-text", action="store_true",
+                    help="--train-patch trains with the prompt as ids (`edgeqtl train --exact-text`), to compare "
+                         "against a model whose prompt went through the quantizer.")
     ap.add_argument("--consecutive-positions", action="store_true",
                     help="Also evaluate each reducer training-free with the kept tokens at consecutive positions "
                          "(the other convention, models/reduce.py; bundles from before the field use it).")
@@ -181,7 +185,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_patch and not (args.model / "config.json").is_file():
-        train_tiny_variant(args.model, args.train_patch, args.train_steps, args.train_cut)
+        train_tiny_variant(args.model, args.train_patch, args.train_steps, args.train_cut, args.train_exact_text)
     out_json = args.json or args.model / "token_accuracy.json"
 
     base_model, base_prompts, world = load(args.model)
@@ -198,7 +202,7 @@ def main() -> None:
                                                                               args.per_family),
             "bytes": frame_bytes(base_model, base_prompts, world, args.byte_questions, entropy),
             "bits_per_code": round(payload_bits(base_model, base_prompts, world, 128, entropy), 4)}
-    if base_model.split.cut == 0:  # at cut > 0 the prompt goes as codes anyway
+    if base_model.split.cut == 0 and not base_model.split.exact_text:  # at cut > 0 the prompt goes as codes anyway
         codes_all = fit_entropy(base_model, base_prompts, world, image_only=False)
         base["bytes_prompt_as_codes"] = frame_bytes(base_model, base_prompts, world, args.byte_questions, codes_all,
                                                     prompt_ids=False)

@@ -63,21 +63,27 @@ class ServerStep:
     token_accuracy: float  # answer tokens predicted right (teacher forced)
 
 
-def server_step(server, values: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> ServerStep:
-    """Forward and backward through the server half from the wire values; the loss is
-    the mean cross-entropy over the answer tokens (labels != IGNORE_LABEL)."""
-    values = values.detach().requires_grad_(True)
-    logits = server.forward_values(values, attention_mask)
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float], float]:
+    """(the mean cross-entropy over the answer tokens (labels != IGNORE_LABEL), each
+    sample's mean, the answer tokens predicted right (teacher forced))."""
     targets = labels[:, 1:]
     per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 ignore_index=IGNORE_LABEL, reduction="none").view(logits.shape[0], -1)
     answer = targets != IGNORE_LABEL
     loss = per_token.sum() / answer.sum()
-    loss.backward()
     with torch.no_grad():
         per_sample = (per_token.sum(1) / answer.sum(1).clamp(min=1)).tolist()
         correct = ((logits[:, :-1].argmax(-1) == targets) & answer).sum().item()
-    return ServerStep(loss.item(), values.grad, per_sample, correct / max(1, int(answer.sum())))
+    return loss, per_sample, correct / max(1, int(answer.sum()))
+
+
+def server_step(server, values: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> ServerStep:
+    """Forward and backward through the server half from the wire values; the loss is
+    answer_loss's."""
+    values = values.detach().requires_grad_(True)
+    loss, per_sample, accuracy = answer_loss(server.forward_values(values, attention_mask), labels)
+    loss.backward()
+    return ServerStep(loss.item(), values.grad, per_sample, accuracy)
 
 
 def trunk_forward(server, values: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):

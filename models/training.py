@@ -34,7 +34,7 @@ from .checkpoint import save_checkpoint
 from .evaluation import evaluate
 from .quantizer import commitment_loss, dequantise, soft_rate_bits
 from .split import SplitModel, UnsupportedModelError, kept_rows
-from .steps import adamw, client_backward, lr_at, server_step
+from .steps import adamw, answer_loss, client_backward, lr_at, server_step
 
 
 @dataclasses.dataclass
@@ -200,12 +200,32 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     """One forward/backward through the wire path, as split training takes it
     (models.steps): the server sees only the wire tensor and the attention mask, the
     client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
+    if model.split.exact_text:
+        return exact_text_step(model, batch, commitment, client_aux)
     out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
     # under FastV the wire holds fewer rows than the prompt: the labels of the rows sent
     step = server_step(model.server, model.server.receive(out.wire), kept_rows(batch.labels, out.rows),
                        out.attention_mask)
     commit = client_backward(out, step.grad, model.split, commitment, client_aux)
     return {"loss": step.loss, "commit": commit, "per_sample": step.per_sample}
+
+
+def exact_text_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
+    """wire_step for a split with `exact_text` (cut 0, the prompt as ids): the image
+    positions reach the trunk through the codes, the text as its own embeddings, which
+    the server takes from the ids with its copy of the table. One backward, in one
+    process: split training refuses such a split (server_agent/training.py)."""
+    h, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    out = dataclasses.replace(model.client.to_wire(h), attention_mask=e.attention_mask,
+                              image_positions=e.image_positions)
+    is_image = batch.input_ids == model.client.image_token_id
+    decoded = model.server.decoder_q(wire_values(model, out))
+    logits = model.server.forward_hidden(model.server.with_exact_text(decoded, h, is_image), e.attention_mask)
+    loss, per_sample, _ = answer_loss(logits, batch.labels)
+    commit = commitment_loss(out.values[is_image], model.split.levels)  # the image's codes alone are sent
+    objective = loss + commitment * commit + (client_aux(out) if client_aux is not None else 0.0)
+    objective.backward()
+    return {"loss": loss.item(), "commit": commit.item(), "per_sample": per_sample}
 
 
 class FamilySampler:

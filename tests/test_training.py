@@ -21,3 +21,36 @@ def test_short_run_learns(split, tmp_path):
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}"
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-text", "text-as-codes"])
+def test_exact_text_training_never_reads_the_texts_codes(exact):
+    """`edgeqtl train --exact-text`: the trunk takes the text as its own embeddings (the
+    server embeds the prompt ids), so whatever the quantizer makes of the text positions
+    leaves the loss as it is; with the text as codes it does not."""
+    from edgeqtl.models.training import wire_step
+
+    model = SplitModel(build_tiny(0), SplitConfig(cut=0, levels=4, exact_text=exact))
+    cfg = TrainConfig(batch_size=8)
+    source = WorldSource.for_model(model, cfg)
+    batch = source.batch(0, source.categories)
+    text = (batch.input_ids != model.client.image_token_id).unsqueeze(-1)
+
+    def loss(scramble: bool) -> float:
+        def hook(module, args, out):
+            codes, values = out
+            return torch.where(text, 0, codes), torch.where(text, -1.0, values)
+
+        handle = model.client.encoder.register_forward_hook(hook) if scramble else None
+        try:
+            return wire_step(model, batch, 0.1)["loss"]
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    plain, scrambled = loss(False), loss(True)
+    if exact:
+        assert scrambled == pytest.approx(plain, rel=1e-6)
+        assert model.client.embed_tokens.weight.grad is not None  # the text's rows learn through their own path
+    else:
+        assert abs(scrambled - plain) > 1e-3

@@ -71,10 +71,14 @@ def split_config_from(cut: int | None, bits: int | None, levels: int | None, bas
                    "the model keeps its reducer, and export uses it.")
 @click.option("--reducer", type=click.Choice(REDUCER_CHOICES), default=None,
               help="How --image-tokens chooses (default divprune; `edgeqtl export --help` says what each does).")
+@click.option("--exact-text", is_flag=True,
+              help="From scratch at cut 0: train with the prompt's text reaching the trunk as its own embeddings "
+                   "(the server embeds the prompt ids), so only the image passes the quantizer (adaptation of "
+                   "a pretrained --model always does this).")
 @user_errors
 def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, levels, baseline, steps, vision_steps,
           probe, curriculum_steps, batch_size, lr, clip_sigmas, rate_weight, trainable, bf16, eval_every, seed, threads,
-          checkpoint_every, out, quiet, image_tokens, reducer):
+          checkpoint_every, out, quiet, image_tokens, reducer, exact_text):
     """Train a split model in one process, through the very path the wire takes (codes
     up, the gradient at the codes back).
 
@@ -103,6 +107,8 @@ def train(preset, model_dir, data, eval_data, image_root, skip_bad, cut, bits, l
 
     set_threads(threads)
     split = split_config_from(cut, bits, levels, baseline, clip_sigmas)
+    if exact_text:
+        split = dataclasses.replace(split, exact_text=True)  # refused but at cut 0 with a quantizer
     given = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
     opts = jobs.DataOptions(data, eval_data, image_root, skip_bad) if data is not None else None
     if model_dir is not None and rate_weight:
