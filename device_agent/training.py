@@ -119,7 +119,7 @@ class DeviceTrainer:
         """The TRAIN_REQUEST (label-private: TRUNK_REQUEST) of `step` (1-based), with what
         the update needs."""
         batch = self.batches(step - 1)
-        out = self.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+        out = self.client(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
         if out.rows is not None:  # FastV sent fewer rows than the prompt's: their labels
             batch = dataclasses.replace(batch, labels=kept_rows(batch.labels, out.rows))
         if self.model.split.quantizer == "fsq":

@@ -135,7 +135,8 @@ def warm_start(model: SplitModel, batch: Batch) -> None:
     if enc.in_proj.in_features == enc.in_proj.out_features:
         enc.in_proj.weight.copy_(torch.eye(enc.in_proj.in_features))
         enc.in_proj.bias.zero_()
-    h, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    h, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                       labels=batch.labels)
     codes, _ = enc(h)
     keep = quantized_positions(model, batch, e.rows)
     z = dequantise(codes, model.split.levels)[keep]
@@ -194,8 +195,10 @@ class Adapter:
         with self.as_teacher():
             examples = self.teacher.complete(examples)
         batch = self.collate(examples)
+        same = None  # rows whose student kept the teacher's image tokens (None: all rows)
         with torch.no_grad(), self._autocast(), self.as_teacher():
-            h_teacher, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values)
+            h_teacher, e = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                                       labels=batch.labels)
             # the rows sent: under FastV fewer than the prompt's, so the answer positions move
             pos, valid, targets = answer_positions(kept_rows(batch.labels, e.rows))
             mask = e.attention_mask
@@ -203,16 +206,23 @@ class Adapter:
         with self._autocast():
             if self.teacher_projector is None:
                 h = h_teacher
-            else:  # (a reducer may choose other tokens from the trained projector's features)
-                h = model.client.hidden(batch.input_ids, batch.attention_mask, batch.pixel_values)
+            else:  # a reducer may keep other tokens of the trained projector's features: its own mask, then
+                h, e_s = model.client.through_layers(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                                     labels=batch.labels)
+                mask = e_s.attention_mask
+                if e.image_positions is not None:  # compare the hidden states only where both kept the same tokens
+                    same = (e_s.image_positions == e.image_positions).all(1)
             codes, n = model.client.encoder(h)
             values = n + (dequantise(codes, model.split.levels, n.dtype) - n).detach()  # straight through
             h_hat = model.server.with_exact_text(model.server.decoder_q(values), h,
                                                  batch.input_ids == model.client.image_token_id)
             s_logits = model.server.forward_hidden(h_hat, mask, positions=pos, checkpointing=cfg.checkpointing).float()
         keep = quantized_positions(model, batch, e.rows)
+        if same is not None:
+            keep = keep & same.unsqueeze(1)
         target = h_teacher[keep].float()
-        recon = F.mse_loss(h_hat[keep].float(), target) / target.var().clamp(min=1e-8)
+        recon = (F.mse_loss(h_hat[keep].float(), target) / target.var().clamp(min=1e-8) if keep.any()
+                 else h_hat.new_zeros(()))
         T = cfg.temperature
         t_logp, s_logp = F.log_softmax(t_logits / T, -1), F.log_softmax(s_logits / T, -1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[valid].mean() * T * T

@@ -73,11 +73,13 @@ class Calibration:
 @torch.inference_mode()
 def quantizer_inputs(model, inputs, prompt_ids: bool) -> np.ndarray:
     """in_proj's output (positions, code_dim) at the positions that go up as codes."""
+    from .split import kept_rows
+
     client = model.client
     ids, mask = torch.from_numpy(inputs.input_ids), torch.from_numpy(inputs.attention_mask)
-    h = client.hidden(ids, mask, torch.from_numpy(inputs.pixel_values))
+    h, e = client.through_layers(ids, mask, torch.from_numpy(inputs.pixel_values))
     z = client.encoder.in_proj(h)
-    sent = mask.bool()
+    ids, sent = kept_rows(ids, e.rows), kept_rows(mask, e.rows).bool()  # FastV sends K of the image rows
     if prompt_ids:
         sent &= ids == client.image_token_id
     return z[sent].float().numpy()
@@ -165,7 +167,8 @@ def calibrate(model, samples, prompts, image, batch_size: int, prompt_ids: bool,
         sent = inputs.attention_mask.astype(bool)
         if prompt_ids:
             sent &= inputs.input_ids == prompts.image_token_id
-        questions += sent.sum(1).tolist()
+        # positions sent per question (FastV: N - K image rows fewer than the prompt's)
+        questions += (sent.sum(1) - (model.num_image_tokens - model.sent_image_tokens)).tolist()
         if progress is not None:
             progress(len(inputs.answers))
     s = _standardise(np.concatenate(chunks))

@@ -143,31 +143,59 @@ def position_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, image_po
     return step * attention_mask.long()
 
 
-def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T): the attention the last position pays each token in `layer` (mean over its
-    heads), from the layer's input h: FastV's ranking. Computed from the layer's own
+def fastv_ranks_with(decoder, layer) -> None:
+    """Refuses, in one line, a decoder layer whose attention last_token_attention does
+    not compute exactly: no q_proj/k_proj, partial rotary, other norms, logit softcapping."""
+    attn, cfg = getattr(layer, "self_attn", None), decoder.config
+    plain = (all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim")) and hasattr(layer, "input_layernorm")
+             and getattr(cfg, "partial_rotary_factor", 1.0) in (None, 1.0) and not hasattr(attn, "q_layernorm")
+             and not getattr(cfg, "attn_logit_softcapping", None) and not hasattr(attn, "rotary_ndims"))
+    if not plain:
+        raise UnsupportedModelError(f"--reducer fastv ranks by the attention of {type(layer).__name__}, whose "
+                                    "attention it does not compute exactly (partial rotary, other norms or "
+                                    "softcapping); use a tower reducer (divprune, attention, pool, random)")
+
+
+@torch.no_grad()  # it only ranks (a top-K): no graph to keep in training
+def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.Tensor,
+                         query: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T): the attention the prompt's last position pays each token in `layer` (mean
+    over its heads), from the layer's input h: FastV's ranking. query (B,): that position
+    in each row, where an answer follows the prompt (training; keys after it are
+    masked); None: the last one, as at inference. Computed from the layer's own
     projections and rotary embedding, since the fused attention kernels return no weights
     (a test checks it against eager attention's)."""
-    attn = getattr(layer, "self_attn", None)
-    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim")) or not hasattr(layer, "input_layernorm"):
-        raise UnsupportedModelError(f"--reducer fastv reads the attention of {type(layer).__name__}, which has no "
-                                    "q_proj/k_proj; use a tower reducer (divprune, attention, pool, random)")
+    fastv_ranks_with(decoder, layer)
+    attn = layer.self_attn
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     d = attn.head_dim
-    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, d)
+    at = torch.full((b,), t - 1, dtype=torch.long, device=h.device) if query is None else query
+    pick = lambda y: torch.gather(y, 1, at.view(b, 1, 1).expand(-1, 1, y.shape[-1]))  # noqa: E731
+    q = attn.q_proj(pick(x)).view(b, 1, -1, d)
     k = attn.k_proj(x).view(b, t, -1, d)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = decoder.rotary_emb(h, position_ids_from_mask(attention_mask, t))
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q = rotate(q, q, cos[:, -1:], sin[:, -1:])[0]
+    q = rotate(q, q, pick(cos), pick(sin))[0]
     k = rotate(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
     scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, "scaling", d ** -0.5)  # (B, heads, T)
-    scores = scores.masked_fill(~attention_mask.bool().unsqueeze(1), float("-inf"))
+    seen = attention_mask.bool() & (torch.arange(t, device=h.device).unsqueeze(0) <= at.unsqueeze(1))
+    scores = scores.masked_fill(~seen.unsqueeze(1), float("-inf"))
     return scores.softmax(-1).mean(1)
+
+
+def prompt_ends(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) each row's last prompt position, before its first label (rows without one:
+    the last position); None without labels."""
+    if labels is None:
+        return None
+    answer = labels != -100
+    first = torch.where(answer.any(1), answer.long().argmax(1), labels.shape[1])
+    return first - 1
 
 
 def kept_rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -282,17 +310,19 @@ class ClientHalf(nn.Module):
             attention_mask = position_mask(attention_mask, is_image, positions, self.reducer.span)
         return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions)
 
-    def through_layers(self, input_ids, attention_mask, pixel_values=None,
-                       cache: KVCache | None = None) -> tuple[torch.Tensor, Embedded]:
+    def through_layers(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None,
+                       labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Embedded]:
         """-> (hidden states at the cut, what goes with them: the mask the server half takes,
-        and under FastV the device's own mask and the rows that go on)."""
+        and under FastV the device's own mask and the rows that go on). labels: where a
+        batch holds answers after its prompts (training), FastV ranks from each prompt's
+        last position, as it does at inference, not from the answer's."""
         e = self.embed(input_ids, pixel_values, attention_mask)
         if pixel_values is None or self.reducer is None or not self.reducer.spec.at_cut:
             return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e
         # FastV: every token through the device's layers; the last one's attention, from the
         # last position, chooses the K image tokens that go on
         h = run_layers(self._decoder, self.layers[:-1], e.hidden, e.attention_mask, cache)
-        received = last_token_attention(self._decoder, self.layers[-1], h, e.attention_mask)
+        received = last_token_attention(self._decoder, self.layers[-1], h, e.attention_mask, prompt_ends(labels))
         h = run_layers(self._decoder, self.layers[-1:], h, e.attention_mask, cache)
         is_image = input_ids == self.image_token_id
         rows, positions = self.reducer.at_cut(h, e.attention_mask, is_image, received)
@@ -308,8 +338,9 @@ class ClientHalf(nn.Module):
     def hidden(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None):
         return self.hidden_and_mask(input_ids, attention_mask, pixel_values, cache)[0]
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None) -> ClientOutput:
-        h, e = self.through_layers(input_ids, attention_mask, pixel_values, cache)
+    def forward(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None) -> ClientOutput:
+        h, e = self.through_layers(input_ids, attention_mask, pixel_values, cache, labels)
         return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions,
                                    device_mask=e.attention_mask if e.device_mask is None else e.device_mask,
                                    rows=e.rows)
@@ -463,6 +494,8 @@ class SplitModel:
         if spec.at_cut and self.split.cut == 0:
             raise UnsupportedModelError("--reducer fastv ranks the image tokens with the device's own layers; it "
                                         "needs --cut 1 or more (at cut 0 use divprune, attention, pool or random)")
+        if spec.at_cut:
+            fastv_ranks_with(self.parts.decoder, self.client.layers[-1])
         self.client.reducer = TokenReducer(spec, family.num_image_tokens(cfg) - family.trailing_tokens,
                                            family.token_grid(cfg), family.trailing_tokens, family.tower_attention)
 

@@ -202,7 +202,7 @@ def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=Non
     client gets the gradient at the dequantised codes. Leaves gradients in both halves."""
     if model.split.exact_text:
         return exact_text_step(model, batch, commitment, client_aux)
-    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values)
+    out = model.client(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
     # under FastV the wire holds fewer rows than the prompt: the labels of the rows sent
     step = server_step(model.server, model.server.receive(out.wire), kept_rows(batch.labels, out.rows),
                        out.attention_mask)

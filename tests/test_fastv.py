@@ -206,6 +206,34 @@ def test_fastv_trains_split_with_the_labels_of_the_rows_it_sends(tmp_path):
     assert out.wire.shape[1] == out.device_mask.shape[1] - 2  # two of the four image rows stay on the device
     loss = dev.apply(1, out, LocalLink(server).request(frame))["loss"]
     ref = load_split_model(tmp_path / "model", reduction=keep)
-    wire = ref.client(batch.input_ids, out.device_mask, batch.pixel_values).wire
+    whole = dev.batches(0)  # the step's batch as drawn, every row's labels
+    wire = ref.client(whole.input_ids, whole.attention_mask, whole.pixel_values, labels=whole.labels).wire
     assert loss == pytest.approx(float(server_step(ref.server, ref.server.receive(wire), batch.labels,
                                                    out.attention_mask).loss), rel=1e-4)
+
+
+def test_training_ranks_from_the_prompts_last_token_not_the_answers():
+    """A batch with answers after its prompts keeps the image tokens the same prompts keep
+    alone (at inference): FastV's query is the prompt's last position."""
+    model = _model(k=2)
+    with_answers, prompts = _batch(model, with_answer=True), _batch(model)
+    with torch.no_grad():
+        trained = model.client(with_answers.input_ids, with_answers.attention_mask, with_answers.pixel_values,
+                               labels=with_answers.labels)
+        asked = model.client(prompts.input_ids, prompts.attention_mask, prompts.pixel_values)
+        blind = model.client(with_answers.input_ids, with_answers.attention_mask, with_answers.pixel_values)
+    assert torch.equal(trained.image_positions, asked.image_positions)
+    assert not torch.equal(blind.image_positions, asked.image_positions)  # the answer's last token ranks otherwise
+
+
+def test_calibrate_measures_a_fastv_model(tmp_path):
+    from edgeqtl.export.calibration import world_samples
+    from edgeqtl.models.batches import image_spec_of
+    from edgeqtl.models.rate import calibrate
+
+    model, every = _model(k=2), _model()
+    prompts = shapes.prompts(model.num_image_tokens)
+    cal, full = (calibrate(m, world_samples(8, heldout=False), prompts, image_spec_of(m), 4, False, levels=(2, 4))
+                 for m in (model, every))
+    assert full.elements - cal.elements == 8 * 2 * model.split.code_dim  # two image rows fewer a question
+    assert cal.row(4).levels == 4

@@ -212,6 +212,12 @@ def attacker_view(case: Case, images: Images, batch_size: int = 32) -> dict[str,
     from edgeqtl.models.training import image_positions
 
     model = load_split_model(case.model_dir)
+    if model.image_reduction is not None and model.image_reduction.at_cut:
+        from edgeqtl.models.split import UnsupportedModelError
+
+        raise UnsupportedModelError("the privacy suite inverts every image token of the prompt; a FastV model "
+                                    "sends K of them, chosen per question: bench the model it was adapted from "
+                                    "(without --reducer fastv)")
     model.eval()
     spec = image_spec_of(model)
     collate = Collator(load_prompts(case.model_dir, model), spec)
