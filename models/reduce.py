@@ -220,6 +220,10 @@ class TokenReducer(nn.Module):
         t = is_image.shape[1]
         rank = is_image.long().cumsum(-1) - 1
         prunable = is_image & (rank < self.full)
+        if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()) and \
+                not bool((prunable.sum(1) == self.full).all()):
+            raise UnsupportedModelError(f"--reducer fastv needs one image of {self.full} tokens in every row; a row "
+                                        "has another count (a text-only question, or several images)")
         chosen = received.float().masked_fill(~prunable, float("-inf")).topk(self.k, dim=-1).indices.sort(dim=1).values
         keep = (~prunable).scatter(1, chosen, True)
         # kept rows first, each group in order: distinct keys, so no sort stability is needed

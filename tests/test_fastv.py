@@ -237,3 +237,12 @@ def test_calibrate_measures_a_fastv_model(tmp_path):
                  for m in (model, every))
     assert full.elements - cal.elements == 8 * 2 * model.split.code_dim  # two image rows fewer a question
     assert cal.row(4).levels == 4
+
+
+def test_fastv_refuses_a_row_without_its_image():
+    model = _model(k=2)
+    b = _batch(model, n=2)
+    ids = b.input_ids.clone()
+    ids[1][ids[1] == model.client.image_token_id] = 5  # the second row's image tokens made text
+    with pytest.raises(UnsupportedModelError, match="one image of 4 tokens in every row"):
+        model.client(ids, b.attention_mask, b.pixel_values)
