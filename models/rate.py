@@ -71,8 +71,9 @@ class Calibration:
 
 
 @torch.inference_mode()
-def quantizer_inputs(model, inputs, prompt_ids: bool) -> np.ndarray:
-    """in_proj's output (positions, code_dim) at the positions that go up as codes."""
+def quantizer_inputs(model, inputs, prompt_ids: bool) -> tuple[np.ndarray, list[int]]:
+    """(in_proj's output (positions, code_dim) at the positions that go up as codes, how
+    many of them each question sends)."""
     from .split import kept_rows
 
     client = model.client
@@ -82,7 +83,7 @@ def quantizer_inputs(model, inputs, prompt_ids: bool) -> np.ndarray:
     ids, sent = kept_rows(ids, e.rows), kept_rows(mask, e.rows).bool()  # FastV sends K of the image rows
     if prompt_ids:
         sent &= ids == client.image_token_id
-    return z[sent].float().numpy()
+    return z[sent].float().numpy(), sent.sum(1).tolist()
 
 
 def _standardise(z: np.ndarray) -> np.ndarray:
@@ -162,13 +163,9 @@ def calibrate(model, samples, prompts, image, batch_size: int, prompt_ids: bool,
         raise ValueError("calibrate measures a learned quantizer's input; this model has none (a 16-bit split)")
     chunks, questions = [], []
     for inputs in batches(samples, prompts, image, batch_size):
-        z = quantizer_inputs(model, inputs, prompt_ids)
+        z, sent = quantizer_inputs(model, inputs, prompt_ids)
         chunks.append(z)
-        sent = inputs.attention_mask.astype(bool)
-        if prompt_ids:
-            sent &= inputs.input_ids == prompts.image_token_id
-        # positions sent per question (FastV: N - K image rows fewer than the prompt's)
-        questions += (sent.sum(1) - (model.num_image_tokens - model.sent_image_tokens)).tolist()
+        questions += sent
         if progress is not None:
             progress(len(inputs.answers))
     s = _standardise(np.concatenate(chunks))

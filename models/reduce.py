@@ -208,13 +208,10 @@ class TokenReducer(nn.Module):
             keep = torch.cat([keep, torch.arange(self.full, self.span, device=x.device).unsqueeze(0).expand(b, -1)], 1)
         return out, (keep if original else None)
 
-
-    def at_cut(self, hidden: torch.Tensor, attention_mask: torch.Tensor, is_image: torch.Tensor,
-               received: torch.Tensor):
-        """FastV after the device's layers. hidden (B, T, H) their output, attention_mask
-        (B, T) the mask they used, is_image (B, T) one image of N (+ trailing) tokens per
-        row, received (B, T) the attention the last position paid each token in the last
-        of them. -> (the kept rows (B, T - N + K) of the sequence, ascending; the kept
+    def at_cut(self, is_image: torch.Tensor, received: torch.Tensor):
+        """FastV after the device's layers. is_image (B, T): one image of N (+ trailing)
+        tokens per row; received (B, T): the attention the prompt's last position paid
+        each token in the last of those layers. -> (the kept rows (B, T - N + K) of the sequence, ascending; the kept
         image tokens' positions within the image (B, K + trailing)). The trailing tokens
         (OneVision's newline) always stay."""
         t = is_image.shape[1]

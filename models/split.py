@@ -165,8 +165,7 @@ def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.
     masked); None: the last one, as at inference. Computed from the layer's own
     projections and rotary embedding, since the fused attention kernels return no weights
     (a test checks it against eager attention's)."""
-    fastv_ranks_with(decoder, layer)
-    attn = layer.self_attn
+    attn = layer.self_attn  # fastv_ranks_with checked it when the reducer was set
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     d = attn.head_dim
@@ -260,7 +259,7 @@ class Embedded:
     hidden: torch.Tensor  # (B, T, hidden): the token embeddings, the image's features at its positions
     attention_mask: torch.Tensor | None  # with the image's position steps (position_mask)
     image_positions: torch.Tensor | None = None  # (B, K) the kept image tokens' positions; None: consecutive
-    device_mask: torch.Tensor | None = None  # the device layers' own mask where it differs (FastV)
+    device_mask: torch.Tensor | None = None  # the mask the device's layers use (FastV: longer than attention_mask)
     rows: torch.Tensor | None = None  # (B, T') the rows that go on (FastV)
 
 
@@ -299,7 +298,7 @@ class ClientHalf(nn.Module):
         is_image = input_ids == self.image_token_id
         emb = self.embed_tokens(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
         if pixel_values is None:
-            return Embedded(emb, attention_mask)
+            return Embedded(emb, attention_mask, device_mask=attention_mask)
         feats, positions = self.image_tokens(pixel_values)
         feats = feats.to(emb.dtype)
         # Image features go, in order, to the image-token positions (as masked_scatter
@@ -308,7 +307,7 @@ class ClientHalf(nn.Module):
         gathered = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
         if positions is not None and attention_mask is not None:
             attention_mask = position_mask(attention_mask, is_image, positions, self.reducer.span)
-        return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions)
+        return Embedded(torch.where(is_image.unsqueeze(-1), gathered, emb), attention_mask, positions, attention_mask)
 
     def through_layers(self, input_ids, attention_mask, pixel_values=None, cache: KVCache | None = None,
                        labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Embedded]:
@@ -325,7 +324,7 @@ class ClientHalf(nn.Module):
         received = last_token_attention(self._decoder, self.layers[-1], h, e.attention_mask, prompt_ends(labels))
         h = run_layers(self._decoder, self.layers[-1:], h, e.attention_mask, cache)
         is_image = input_ids == self.image_token_id
-        rows, positions = self.reducer.at_cut(h, e.attention_mask, is_image, received)
+        rows, positions = self.reducer.at_cut(is_image, received)
         sent = position_mask(kept_rows(e.attention_mask, rows), kept_rows(is_image, rows), positions,
                              self.reducer.span)
         return kept_rows(h, rows), Embedded(e.hidden, sent, positions, e.attention_mask, rows)
@@ -342,8 +341,7 @@ class ClientHalf(nn.Module):
                 labels: torch.Tensor | None = None) -> ClientOutput:
         h, e = self.through_layers(input_ids, attention_mask, pixel_values, cache, labels)
         return dataclasses.replace(self.to_wire(h), attention_mask=e.attention_mask, image_positions=e.image_positions,
-                                   device_mask=e.attention_mask if e.device_mask is None else e.device_mask,
-                                   rows=e.rows)
+                                   device_mask=e.device_mask, rows=e.rows)
 
     def image_wire(self, pixel_values) -> ClientOutput:
         """At cut 0, what the image positions send: the projected image features, quantized
@@ -516,7 +514,7 @@ class SplitModel:
                                              input_ids == self.client.image_token_id)
         else:
             logits = self.server.forward_hidden(h, mask, server_cache, last_positions(h))[:, -1]
-        return (logits, e.attention_mask if e.device_mask is None else e.device_mask, mask) if with_mask else logits
+        return (logits, e.device_mask, mask) if with_mask else logits
 
     def parameters(self):
         yield from self.client.parameters()
