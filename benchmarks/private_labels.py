@@ -67,7 +67,7 @@ def _records(model_dir: Path, path: Path):
 
 def _sides(model_dir: Path, cfg, n: int, alpha: float | None, train=None):
     from edgeqtl import shapes
-    from edgeqtl.device_agent.training import DeviceTrainer, RecordBatches, ShapesShard
+    from edgeqtl.models.device_training import DeviceTrainer, RecordBatches, ShapesShard
     from edgeqtl.models.batches import Collator, image_spec_of
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint
@@ -90,7 +90,7 @@ def _sides(model_dir: Path, cfg, n: int, alpha: float | None, train=None):
 
 def part1(model_dir: Path, base, args) -> list[dict]:
     from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import run_device
+    from edgeqtl.models.device_training import run_device
 
     plan = [("standard", False, "int8")] + [(f"private-{c}", True, c) for c in args.hidden_codecs.split(",")]
     train = _records(model_dir, args.data) if args.data else None
@@ -142,7 +142,7 @@ def part1(model_dir: Path, base, args) -> list[dict]:
 
 def part2(model_dir: Path, base, args) -> dict:
     from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import run_device
+    from edgeqtl.models.device_training import run_device
 
     n = args.devices
     out = {}

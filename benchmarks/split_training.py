@@ -85,7 +85,7 @@ def run(name: str, model_dir: Path, cfg, port: int | None, per_family: int, lock
     is None, else over the broker), then each device's held-out accuracy."""
     from edgeqtl import shapes
     from edgeqtl.bench.training import train_devices
-    from edgeqtl.device_agent.training import ShapesShard
+    from edgeqtl.models.device_training import ShapesShard
 
     r = train_devices(model_dir, cfg, port, threads,
                       lambda model, i: ShapesShard(model, shapes.build_tokenizer(), cfg, i, 2), num_devices=2,

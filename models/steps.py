@@ -1,6 +1,6 @@
 """The torch step of split training, in one place: in-process training
 (models/training.py) and networked split training (server_agent/training.py on the
-server, device_agent/training.py on the device) both call these, so the two cannot
+server, models/device_training.py on the device) both call these, so the two cannot
 drift apart.
 
     server_step      dequantised values, labels, mask -> loss, d loss / d values, metrics

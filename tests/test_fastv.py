@@ -183,7 +183,7 @@ def test_fastv_trains_split_with_the_labels_of_the_rows_it_sends(tmp_path):
     """Over the wire (split training): the device sends K image rows and their labels; the
     server's loss is the one the same batch has in one process."""
     from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard
+    from edgeqtl.models.device_training import DeviceTrainer, ShapesShard
     from edgeqtl.models.checkpoint import save_checkpoint
     from edgeqtl.models.load import load_split_model
     from edgeqtl.models.split import fingerprint

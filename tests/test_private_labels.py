@@ -14,7 +14,7 @@ import torch
 from edgeqtl import shapes
 from edgeqtl.codec import Codec
 from edgeqtl.device_agent.links import LocalLink
-from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard, run_device
+from edgeqtl.models.device_training import DeviceTrainer, ShapesShard, run_device
 from edgeqtl.errors import CodedError
 from edgeqtl.models.load import load_split_model
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint

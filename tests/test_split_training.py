@@ -15,7 +15,7 @@ from edgeqtl import shapes
 from edgeqtl.models.load import load_split_model
 from edgeqtl.models.split import SplitConfig, SplitModel, fingerprint
 from edgeqtl.device_agent.links import LocalLink, RetryingLink
-from edgeqtl.device_agent.training import DeviceTrainer, ShapesShard, run_device
+from edgeqtl.models.device_training import DeviceTrainer, ShapesShard, run_device
 from edgeqtl.errors import CodedError
 from edgeqtl.models.steps import SplitTrainConfig
 from edgeqtl.server_agent.training import TrainingService

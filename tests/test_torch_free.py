@@ -1,8 +1,8 @@
 """The device path never imports torch: every module under edgeqtl/ (the shared core:
 wire, codec, transport, bundle, prompt, imageproc, data, CLI, ...) and under
 device_agent/ (client, runner, session, links) is imported in a fresh interpreter that
-then must not hold torch or transformers. The one exception is device-side split
-training, which needs autograd and which inference never imports."""
+then must not hold torch or transformers, without exception (device-side split
+training, which needs autograd, lives in models/device_training.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NEEDS_TORCH = {"edgeqtl.device_agent.training"}  # device split training (autograd)
 
 
 def _modules(folder: str, package: str) -> list[str]:
@@ -23,7 +22,7 @@ def _modules(folder: str, package: str) -> list[str]:
         if rel.name == "__main__":
             continue
         out.append(".".join([package, *parts]))
-    return [m for m in dict.fromkeys(out) if m not in NEEDS_TORCH]
+    return list(dict.fromkeys(out))
 
 
 TORCH_FREE = _modules("edgeqtl", "edgeqtl") + _modules("device_agent", "edgeqtl.device_agent")

@@ -135,7 +135,7 @@ SERVER_WITH_AUDIT = textwrap.dedent("""
 
 def test_a_device_trains_on_its_own_file_which_the_server_never_reads(world_files, tmp_path, mosquitto):
     from edgeqtl.device_agent.links import RetryingLink
-    from edgeqtl.device_agent.training import DeviceTrainer, RecordBatches, run_device
+    from edgeqtl.models.device_training import DeviceTrainer, RecordBatches, run_device
     from edgeqtl.models.batches import Collator, image_spec_of
     from edgeqtl.models.checkpoint import save_checkpoint
     from edgeqtl.models.load import load_prompts, load_split_model

@@ -134,7 +134,7 @@ def _load(model_dir: Path):
 def _batches(ctx, model_dir: Path, model, cfg, index: int):
     """Device `index`'s own data: a shard of the user's records (--data) or of the world."""
     if ctx.data is not None:
-        from edgeqtl.device_agent.training import RecordBatches
+        from edgeqtl.models.device_training import RecordBatches
         from edgeqtl.models.batches import Collator, image_spec_of
         from edgeqtl.models.jobs import DataOptions, checked
         from edgeqtl.models.load import load_prompts
@@ -150,7 +150,7 @@ def _batches(ctx, model_dir: Path, model, cfg, index: int):
 
     world = world_of(model_dir)
     if world is shapes:
-        from edgeqtl.device_agent.training import ShapesShard
+        from edgeqtl.models.device_training import ShapesShard
 
         return ShapesShard(model, shapes.build_tokenizer(), cfg, index, NUM_DEVICES)
     return WorldShard(model, world, cfg, index)
@@ -189,7 +189,7 @@ def train_devices(model_dir: Path, cfg, port: int | None, threads: int, batches_
     process (LocalLink), else over the broker on that port. `batches_of(model, index)`
     gives device index's batches. lockstep: over MQTT too the devices take turns, as in
     process (False: each runs as fast as it can)."""
-    from edgeqtl.device_agent.training import DeviceTrainer
+    from edgeqtl.models.device_training import DeviceTrainer
     from edgeqtl.models.split import fingerprint
     from edgeqtl.server_agent.training import TrainingService
 
@@ -243,7 +243,7 @@ def _train_over_mqtt(service, devices, port: int, threads: int, losses: dict, do
     in-process order."""
     import torch
 
-    from edgeqtl.device_agent.training import run_device
+    from edgeqtl.models.device_training import run_device
     from edgeqtl.transport import BrokerConfig, RequestClient, Responder
 
     broker = BrokerConfig(port=port)

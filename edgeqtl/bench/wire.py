@@ -72,7 +72,7 @@ def _per_training_step(ctx: BenchContext, model_dir, steps: int) -> list[dict]:
 
     from edgeqtl.codec.gradient import GRADIENT_CODECS
     from edgeqtl.device_agent.links import LocalLink
-    from edgeqtl.device_agent.training import DeviceTrainer
+    from edgeqtl.models.device_training import DeviceTrainer
     from edgeqtl.models.batches import Collator, image_spec_of
     from edgeqtl.models.load import load_prompts, load_split_model, world_of
     from edgeqtl.models.split import fingerprint

@@ -205,7 +205,7 @@ def train_device(model_dir, broker_url, login, ca_file, cert_file, key_file, dev
     from edgeqtl import shapes
     from edgeqtl.device_agent.links import RetryingLink
     from edgeqtl.device_agent.runner import connect
-    from edgeqtl.device_agent.training import DeviceTrainer, RecordBatches, ShapesShard, run_device
+    from edgeqtl.models.device_training import DeviceTrainer, RecordBatches, ShapesShard, run_device
     from edgeqtl.models.batches import Collator, image_spec_of
     from edgeqtl.models.jobs import DataOptions, checked
     from edgeqtl.models.load import load_prompts, load_split_model
