@@ -40,12 +40,14 @@ import contextlib
 import copy
 import dataclasses
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .families.base import UnsupportedModelError
+from .split import position_ids_from_mask
 
 REDUCERS = ("divprune", "attention", "pool", "random", "fastv")
 POSITIONS = ("original", "consecutive")
@@ -293,3 +295,60 @@ def visionzip(x: torch.Tensor, attention: torch.Tensor, k: int, in_order: bool =
         return out, positions
     positions, order = positions.sort(dim=1)
     return _gather(out, order), positions
+
+
+# --------------------------------------------------------------------------- FastV's ranking
+
+
+def fastv_ranks_with(decoder, layer) -> None:
+    """Refuses, in one line, a decoder layer whose attention last_token_attention does
+    not compute exactly: no q_proj/k_proj, partial rotary, other norms, logit softcapping."""
+    attn, cfg = getattr(layer, "self_attn", None), decoder.config
+    plain = (all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim")) and hasattr(layer, "input_layernorm")
+             and getattr(cfg, "partial_rotary_factor", 1.0) in (None, 1.0) and not hasattr(attn, "q_layernorm")
+             and not getattr(cfg, "attn_logit_softcapping", None) and not hasattr(attn, "rotary_ndims"))
+    if not plain:
+        raise UnsupportedModelError(f"--reducer fastv ranks by the attention of {type(layer).__name__}, whose "
+                                    "attention it does not compute exactly (partial rotary, other norms or "
+                                    "softcapping); use a tower reducer (divprune, attention, pool, random)")
+
+
+@torch.no_grad()  # it only ranks (a top-K): no graph to keep in training
+def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.Tensor,
+                         query: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T): the attention the prompt's last position pays each token in `layer` (mean
+    over its heads), from the layer's input h: FastV's ranking. query (B,): that position
+    in each row, where an answer follows the prompt (training; keys after it are
+    masked); None: the last one, as at inference. Computed from the layer's own
+    projections and rotary embedding, since the fused attention kernels return no weights
+    (a test checks it against eager attention's)."""
+    attn = layer.self_attn  # fastv_ranks_with checked it when the reducer was set
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    d = attn.head_dim
+    at = torch.full((b,), t - 1, dtype=torch.long, device=h.device) if query is None else query
+    pick = lambda y: torch.gather(y, 1, at.view(b, 1, 1).expand(-1, 1, y.shape[-1]))  # noqa: E731
+    q = attn.q_proj(pick(x)).view(b, 1, -1, d)
+    k = attn.k_proj(x).view(b, t, -1, d)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = decoder.rotary_emb(h, position_ids_from_mask(attention_mask, t))
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q = rotate(q, q, pick(cos), pick(sin))[0]
+    k = rotate(k, k, cos, sin)[0]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, "scaling", d ** -0.5)  # (B, heads, T)
+    seen = attention_mask.bool() & (torch.arange(t, device=h.device).unsqueeze(0) <= at.unsqueeze(1))
+    scores = scores.masked_fill(~seen.unsqueeze(1), float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+def prompt_ends(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) each row's last prompt position, before its first label (rows without one:
+    the last position); None without labels."""
+    if labels is None:
+        return None
+    answer = labels != -100
+    first = torch.where(answer.any(1), answer.long().argmax(1), labels.shape[1])
+    return first - 1

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -141,60 +140,6 @@ def position_mask(attention_mask: torch.Tensor, is_image: torch.Tensor, image_po
     rest_of_span = span - image_positions[:, -1:]
     step = torch.where(is_image, image_step, torch.where(after_image, rest_of_span, torch.ones_like(rank)))
     return step * attention_mask.long()
-
-
-def fastv_ranks_with(decoder, layer) -> None:
-    """Refuses, in one line, a decoder layer whose attention last_token_attention does
-    not compute exactly: no q_proj/k_proj, partial rotary, other norms, logit softcapping."""
-    attn, cfg = getattr(layer, "self_attn", None), decoder.config
-    plain = (all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim")) and hasattr(layer, "input_layernorm")
-             and getattr(cfg, "partial_rotary_factor", 1.0) in (None, 1.0) and not hasattr(attn, "q_layernorm")
-             and not getattr(cfg, "attn_logit_softcapping", None) and not hasattr(attn, "rotary_ndims"))
-    if not plain:
-        raise UnsupportedModelError(f"--reducer fastv ranks by the attention of {type(layer).__name__}, whose "
-                                    "attention it does not compute exactly (partial rotary, other norms or "
-                                    "softcapping); use a tower reducer (divprune, attention, pool, random)")
-
-
-@torch.no_grad()  # it only ranks (a top-K): no graph to keep in training
-def last_token_attention(decoder, layer, h: torch.Tensor, attention_mask: torch.Tensor,
-                         query: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T): the attention the prompt's last position pays each token in `layer` (mean
-    over its heads), from the layer's input h: FastV's ranking. query (B,): that position
-    in each row, where an answer follows the prompt (training; keys after it are
-    masked); None: the last one, as at inference. Computed from the layer's own
-    projections and rotary embedding, since the fused attention kernels return no weights
-    (a test checks it against eager attention's)."""
-    attn = layer.self_attn  # fastv_ranks_with checked it when the reducer was set
-    x = layer.input_layernorm(h)
-    b, t, _ = x.shape
-    d = attn.head_dim
-    at = torch.full((b,), t - 1, dtype=torch.long, device=h.device) if query is None else query
-    pick = lambda y: torch.gather(y, 1, at.view(b, 1, 1).expand(-1, 1, y.shape[-1]))  # noqa: E731
-    q = attn.q_proj(pick(x)).view(b, 1, -1, d)
-    k = attn.k_proj(x).view(b, t, -1, d)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = decoder.rotary_emb(h, position_ids_from_mask(attention_mask, t))
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q = rotate(q, q, pick(cos), pick(sin))[0]
-    k = rotate(k, k, cos, sin)[0]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-    scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, "scaling", d ** -0.5)  # (B, heads, T)
-    seen = attention_mask.bool() & (torch.arange(t, device=h.device).unsqueeze(0) <= at.unsqueeze(1))
-    scores = scores.masked_fill(~seen.unsqueeze(1), float("-inf"))
-    return scores.softmax(-1).mean(1)
-
-
-def prompt_ends(labels: torch.Tensor | None) -> torch.Tensor | None:
-    """(B,) each row's last prompt position, before its first label (rows without one:
-    the last position); None without labels."""
-    if labels is None:
-        return None
-    answer = labels != -100
-    first = torch.where(answer.any(1), answer.long().argmax(1), labels.shape[1])
-    return first - 1
 
 
 def kept_rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -320,6 +265,8 @@ class ClientHalf(nn.Module):
             return run_layers(self._decoder, self.layers, e.hidden, e.attention_mask, cache), e
         # FastV: every token through the device's layers; the last one's attention, from the
         # last position, chooses the K image tokens that go on
+        from .reduce import last_token_attention, prompt_ends
+
         h = run_layers(self._decoder, self.layers[:-1], e.hidden, e.attention_mask, cache)
         received = last_token_attention(self._decoder, self.layers[-1], h, e.attention_mask, prompt_ends(labels))
         h = run_layers(self._decoder, self.layers[-1:], h, e.attention_mask, cache)
@@ -483,7 +430,7 @@ class SplitModel:
         """Keep K of each image's tokens (models/reduce.py; OneVision's newline comes on
         top), or all of them (spec None).
         Only the device's graph changes: the server takes the count from each request."""
-        from .reduce import TokenReducer
+        from .reduce import TokenReducer, fastv_ranks_with
 
         if spec is None:
             self.client.reducer = None

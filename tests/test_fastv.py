@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from edgeqtl import shapes
-from edgeqtl.models.reduce import ImageReduction
-from edgeqtl.models.split import (SplitConfig, SplitModel, UnsupportedModelError, kept_rows, last_token_attention,
+from edgeqtl.models.reduce import ImageReduction, last_token_attention
+from edgeqtl.models.split import (SplitConfig, SplitModel, UnsupportedModelError, kept_rows,
                                   position_ids_from_mask, run_layers)
 
 NEVER = 10 ** 9
