@@ -42,7 +42,8 @@ class EvalReport:
         saved = 1 - self.wire_bytes_per_sample / self.fp16_bytes_per_sample
         lines.append(f"uplink per sample: {self.wire_bytes_per_sample * 8:,.0f} bits "
                      f"({self.wire_bytes_per_sample:,.0f} B) vs 16-bit {self.fp16_bytes_per_sample * 8:,.0f} bits "
-                     f"({self.fp16_bytes_per_sample:,.0f} B): {100 * saved:.1f}% saved (payload only)")
+                     f"({self.fp16_bytes_per_sample:,.0f} B): {100 * saved:.1f}% saved (payload only: the codes, "
+                     f"and at cut 0 the prompt's ids as a bundle sends them)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -53,12 +54,18 @@ class EvalReport:
                 "wire_bytes_per_sample": self.wire_bytes_per_sample, "fp16_bytes_per_sample": self.fp16_bytes_per_sample}
 
 
-def wire_nbytes(model: SplitModel, n_tokens: int) -> int:
-    """Bytes of payload the client sends for one sample of n_tokens tokens."""
+def wire_nbytes(model: SplitModel, n_tokens: int, n_image: int | None = None) -> int:
+    """Bytes of payload the client sends for one sample of n_tokens positions, n_image of
+    them image tokens. At cut 0 a bundle sends the prompt's text as INT32 ids (its
+    default; `export --prompt-codes` sends every position as codes), so only the image
+    positions count as codes there; n_image None counts every position as codes."""
     s = model.split
+    ids = 0
+    if s.cut == 0 and n_image is not None:
+        ids, n_tokens = 4 * (n_tokens - n_image), n_image
     if s.quantizer == "fsq":
-        return packed_nbytes(n_tokens * s.code_dim, s.levels)
-    return n_tokens * model.hidden_size * (2 if s.quantizer == "fp16" else 4)
+        return packed_nbytes(n_tokens * s.code_dim, s.levels) + ids
+    return n_tokens * model.hidden_size * (2 if s.quantizer == "fp16" else 4) + ids
 
 
 @torch.no_grad()
@@ -77,9 +84,10 @@ def evaluate(model: SplitModel, collate: Collator, samples, batch_size: int = 25
         chunk = samples[i:i + batch_size]
         b = collate(chunk, with_answer=False)
         pred = predict(model, b)
-        for s, p, m in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist()):
+        n_image = ((b.input_ids == model.client.image_token_id) & b.attention_mask.bool()).sum(-1).tolist()
+        for s, p, m, k in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist(), n_image):
             correct[s.family].append(collate.tok.id_to_token(p) == s.answer)
-            wire += wire_nbytes(model, m)
+            wire += wire_nbytes(model, m, k)
             fp16 += m * model.hidden_size * 2
     model.train(was_training)
     return EvalReport({f: float(np.mean(v)) for f, v in correct.items()}, len(samples),

@@ -54,3 +54,21 @@ def test_exact_text_training_never_reads_the_texts_codes(exact):
         assert model.client.embed_tokens.weight.grad is not None  # the text's rows learn through their own path
     else:
         assert abs(scrambled - plain) > 1e-3
+
+
+def test_eval_counts_the_prompt_as_ids_at_cut_0():
+    """`edgeqtl train`/`eval`'s uplink line counts what a bundle sends: at cut 0 the image
+    positions as packed codes and the prompt's text as INT32 ids; at cut > 0 every
+    position as codes."""
+    from types import SimpleNamespace
+
+    from edgeqtl.models.evaluation import wire_nbytes
+
+    def model(cut):
+        return SimpleNamespace(split=SplitConfig(cut=cut, levels=4, code_dim=code_dim), hidden_size=128)
+
+    code_dim = 64
+    # 20 positions, 16 of them image tokens: 16 x code_dim codes at 2 bits + 4 ids x 4 B
+    assert wire_nbytes(model(0), 20, 16) == 16 * code_dim * 2 // 8 + 16
+    assert wire_nbytes(model(2), 20, 16) == 20 * code_dim * 2 // 8
+    assert wire_nbytes(model(0), 20) == 20 * code_dim * 2 // 8
