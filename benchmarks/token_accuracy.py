@@ -5,6 +5,7 @@ after a short quantizer adaptation with the reduced sequence.
     edgeqtl train --preset small --bits 2 --out runs/small23/all        # once, every image token
     python benchmarks/token_accuracy.py --model runs/small23/all         # the table
     python benchmarks/token_accuracy.py --model runs/tiny16 --train-patch 16   # tiny, 16 image tokens
+    python benchmarks/token_accuracy.py --model runs/tiny64et --train-patch 8 --train-exact-text   # 64 tokens
 
 Per (reducer, K):
   1. training-free: the trained model, its reducer set to K, evaluated as it is;
@@ -40,7 +41,7 @@ import torch
 
 def train_tiny_variant(out: Path, patch_size: int, steps: int, cut: int = 0, exact_text: bool = False) -> None:
     """The tiny preset with smaller patches (16 px: 16 image tokens, 4 per cell of the
-    shapes world), trained from scratch with the tiny recipe at 2 bits, at `cut` (0; 2 for
+    shapes world; 8 px: 64, 16 per cell), trained from scratch with the tiny recipe at 2 bits, at `cut` (0; 2 for
     FastV, which prunes with the device's own layers): a model with enough image tokens
     to reduce that trains in well under an hour on 2 cores. exact_text: trained with the
     prompt as ids (the text reaches the trunk as its own embeddings; cut 0)."""
