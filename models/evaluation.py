@@ -19,7 +19,7 @@ from edgeqtl.data import normalize_answer
 
 from .batches import Batch, Collator, Example
 from .generate import generate
-from .split import SplitModel
+from .split import SplitModel, sent_positions
 
 
 @dataclasses.dataclass
@@ -84,8 +84,8 @@ def evaluate(model: SplitModel, collate: Collator, samples, batch_size: int = 25
         chunk = samples[i:i + batch_size]
         b = collate(chunk, with_answer=False)
         pred = predict(model, b)
-        n_image = ((b.input_ids == model.client.image_token_id) & b.attention_mask.bool()).sum(-1).tolist()
-        for s, p, m, k in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist(), n_image):
+        codes = sent_positions(model, b).sum(-1).tolist()  # at cut 0 the image positions alone
+        for s, p, m, k in zip(chunk, pred.tolist(), b.attention_mask.sum(-1).tolist(), codes):
             correct[s.family].append(collate.tok.id_to_token(p) == s.answer)
             wire += wire_nbytes(model, m, k)
             fp16 += m * model.hidden_size * 2

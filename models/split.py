@@ -151,6 +151,16 @@ def kept_rows(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor
     return torch.gather(x, 1, idx)
 
 
+def sent_positions(model: SplitModel, batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool, for a models.batches.Batch: the positions that go up as codes (at cut 0
+    the image positions alone: the prompt's text goes as ids); rows: those the client
+    sent (ClientOutput.rows, FastV)."""
+    sent = kept_rows(batch.attention_mask, rows).bool()
+    if model.split.cut == 0:
+        sent = sent & (batch.input_ids == model.client.image_token_id)
+    return sent
+
+
 @functools.lru_cache(maxsize=None)
 def cache_kwarg(layer_type: type) -> str:
     """The name a decoder layer takes its KV cache by: `cache` from transformers 5.24

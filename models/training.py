@@ -33,7 +33,7 @@ from .batches import Batch, Collator, image_spec_of
 from .checkpoint import save_checkpoint
 from .evaluation import evaluate
 from .quantizer import commitment_loss, dequantise, soft_rate_bits
-from .split import SplitModel, UnsupportedModelError, kept_rows
+from .split import SplitModel, UnsupportedModelError, kept_rows, sent_positions
 from .steps import adamw, answer_loss, client_backward, lr_at, server_step
 
 
@@ -185,15 +185,6 @@ def image_positions(values: torch.Tensor, input_ids: torch.Tensor, image_token_i
     """(B, T, D) -> (B, n_img, D): the wire values at the image tokens, in order."""
     idx = (input_ids == image_token_id).long().argsort(dim=1, descending=True, stable=True)[:, :n_img]
     return torch.gather(values, 1, idx.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-
-
-def sent_positions(model: SplitModel, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) bool: the positions that go up as codes (at cut 0 the image positions alone:
-    the prompt's text goes as ids); rows: those the client sent (ClientOutput.rows, FastV)."""
-    sent = kept_rows(batch.attention_mask, rows).bool()
-    if model.split.cut == 0:
-        sent = sent & (batch.input_ids == model.client.image_token_id)
-    return sent
 
 
 def wire_step(model: SplitModel, batch: Batch, commitment: float, client_aux=None) -> dict:
